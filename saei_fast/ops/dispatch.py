@@ -1,0 +1,55 @@
+"""Which implementation an op runs: Triton kernels or the memory-light PyTorch path.
+
+CUDA tensors go to Triton, CPU tensors to the chunked PyTorch path. ``SAEI_IMPL=triton|torch``
+(or an ``impl=`` argument on the ``saei_fast.ops`` entry points) forces one; forcing Triton on
+CPU tensors is only possible under ``TRITON_INTERPRET=1``, which is how the kernels are tested
+on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+IMPLS = ("auto", "triton", "torch")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton imports (it is a Linux-only dependency)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_impl(impl: str | None, device: torch.device) -> str:
+    """Return ``"triton"`` or ``"torch"`` for tensors on ``device``.
+
+    ``impl`` (or, when it is None, the ``SAEI_IMPL`` environment variable) is one of
+    ``"auto"``, ``"triton"``, ``"torch"``.
+    """
+    requested = impl if impl is not None else os.environ.get("SAEI_IMPL", "auto")
+    if requested not in IMPLS:
+        source = "impl" if impl is not None else "SAEI_IMPL"
+        raise ValueError(f"{source} must be one of {IMPLS}, got {requested!r}")
+    if requested == "torch":
+        return "torch"
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if not triton_available():
+        raise ValueError("impl='triton' was requested but Triton is not installed")
+    if device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors, got tensors on {device}; set "
+            "TRITON_INTERPRET=1 before importing saei_fast to run the kernels on the CPU"
+        )
+    return "triton"
