@@ -1,12 +1,13 @@
 """Per-token entropy and label log-probs from logits: Triton kernels and their launchers.
 
 Forward: one program per token row streams the vocabulary in blocks, keeping an online
-maximum ``m``, ``s = sum exp(z - m)`` and ``w = sum exp(z - m) * (z - m)`` in fp32, where
-``z = logits / T``. Then ``lse = m + log s`` and ``H = log s - w / s``; only ``H``, the label
-log-prob and ``lse`` are written (no softmax tensor). Keeping ``w`` relative to the running
-maximum avoids the cancellation of ``lse - E[z]`` when logits are large.
+maximum ``m`` of the raw logits x, ``s = sum exp(d)`` and ``w = sum exp(d) * d`` in fp32, where
+``d = (x - m) / T``. Then ``H = log s - w / s``; only ``H``, the label log-prob and two row
+statistics ``(m, log s)`` are written (no softmax tensor; ``lse = m / T + log s``). Shifting
+by the maximum before dividing by T keeps every quantity small, so large logits lose no
+precision to ``x / T`` rounding or to the cancellation of ``lse - E[z]``.
 
-Backward: recompute ``log p = z - lse`` block by block and write
+Backward: recompute ``log p = (x - m) / T - log s`` block by block and write
 ``dL/dlogits = [g_H * p * (-log p - H) + g_logp * (onehot(label) - p)] / T``
 in the logits' dtype. ``-inf`` logits have ``p = 0`` and get gradient 0 (never NaN).
 
@@ -36,7 +37,7 @@ def _entropy_fwd_kernel(
     mask_ptr,
     entropy_ptr,
     logprob_ptr,
-    lse_ptr,
+    stats_ptr,
     rows_per_outer,
     stride_outer,
     stride_inner,
@@ -53,7 +54,8 @@ def _entropy_fwd_kernel(
         valid = tl.load(mask_ptr + i_row) != 0
     if not valid:
         tl.store(entropy_ptr + i_row, 0.0)
-        tl.store(lse_ptr + i_row, 0.0)
+        tl.store(stats_ptr + 2 * i_row, 0.0)
+        tl.store(stats_ptr + 2 * i_row + 1, 0.0)
         if HAS_LABELS:
             tl.store(logprob_ptr + i_row, 0.0)
         return
@@ -69,29 +71,30 @@ def _entropy_fwd_kernel(
     for v_start in range(0, V, BLOCK_V):
         o_cols = v_start + o_v
         # Lanes past V load -inf, so they add exp(-inf) = 0 and never exp(0).
-        b_z = tl.load(p_row + o_cols * stride_v, mask=o_cols < V, other=float("-inf"))
-        b_z = b_z.to(tl.float32) * inv_temperature
-        m_new = tl.maximum(b_m, tl.max(b_z, axis=0))
+        b_x = tl.load(p_row + o_cols * stride_v, mask=o_cols < V, other=float("-inf"))
+        b_x = b_x.to(tl.float32)
+        m_new = tl.maximum(b_m, tl.max(b_x, axis=0))
         # While every logit so far is -inf there is no finite maximum to shift by.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_d = b_z - m_safe
+        b_d = (b_x - m_safe) * inv_temperature
         b_e = tl.exp(b_d)
         b_ed = tl.where(b_e > 0.0, b_e * b_d, 0.0)  # 0 * -inf must count as 0
-        rescale = tl.exp(b_m - m_safe)
-        shift = tl.where(b_s > 0.0, b_m - m_safe, 0.0)
+        shift = (b_m - m_safe) * inv_temperature  # -inf before the first finite logit
+        rescale = tl.exp(shift)
+        shift = tl.where(b_s > 0.0, shift, 0.0)
         b_w = rescale * (b_w + shift * b_s) + tl.sum(b_ed, axis=0)
         b_s = rescale * b_s + tl.sum(b_e, axis=0)
         b_m = m_new
 
     log_s = tl.log(b_s)
-    lse = b_m + log_s
     tl.store(entropy_ptr + i_row, log_s - b_w / b_s)
-    tl.store(lse_ptr + i_row, lse)
+    tl.store(stats_ptr + 2 * i_row, b_m)
+    tl.store(stats_ptr + 2 * i_row + 1, log_s)
     if HAS_LABELS:
         label = tl.load(labels_ptr + i_row).to(tl.int64)
         in_range = (label >= 0) & (label < V)
         b_label = tl.load(p_row + label * stride_v, mask=in_range, other=0.0)
-        logprob = b_label.to(tl.float32) * inv_temperature - lse
+        logprob = (b_label.to(tl.float32) - b_m) * inv_temperature - log_s
         tl.store(logprob_ptr + i_row, tl.where(in_range, logprob, float("nan")))
 
 
@@ -101,7 +104,7 @@ def _entropy_bwd_kernel(
     labels_ptr,
     mask_ptr,
     entropy_ptr,
-    lse_ptr,
+    stats_ptr,
     grad_entropy_ptr,
     grad_logprob_ptr,
     grad_logits_ptr,
@@ -132,7 +135,8 @@ def _entropy_bwd_kernel(
 
     p_row = logits_ptr + (i_row // rows_per_outer) * stride_outer
     p_row += (i_row % rows_per_outer) * stride_inner
-    lse = tl.load(lse_ptr + i_row)
+    row_max = tl.load(stats_ptr + 2 * i_row)
+    log_s = tl.load(stats_ptr + 2 * i_row + 1)
     entropy = tl.load(entropy_ptr + i_row)
     g_entropy = tl.load(grad_entropy_ptr + i_row).to(tl.float32)
     g_logprob = 0.0
@@ -144,8 +148,8 @@ def _entropy_bwd_kernel(
     for v_start in range(0, V, BLOCK_V):
         o_cols = v_start + o_v
         m_cols = o_cols < V
-        b_z = tl.load(p_row + o_cols * stride_v, mask=m_cols, other=float("-inf"))
-        b_logp = b_z.to(tl.float32) * inv_temperature - lse
+        b_x = tl.load(p_row + o_cols * stride_v, mask=m_cols, other=float("-inf"))
+        b_logp = (b_x.to(tl.float32) - row_max) * inv_temperature - log_s
         b_p = tl.exp(b_logp)
         # dH/dz = p * (-log p - H); dlogp/dz = onehot - p. p = 0 (a -inf logit) gives 0.
         b_g = tl.where(b_p > 0.0, b_p * (g_entropy * (-b_logp - entropy) - g_logprob), 0.0)
@@ -201,6 +205,11 @@ def _launch(kernel, n_rows: int, V: int, element_size: int, block_v: int | None,
     kernel[(n_rows,)](*args, **meta, BLOCK_V=block, num_warps=_num_warps(block))
 
 
+def lse_from_stats(stats: torch.Tensor, inv_temperature: float) -> torch.Tensor:
+    """Log-sum-exp of ``logits / T`` from the forward's ``stats [..., 2]``."""
+    return stats[..., 0] * inv_temperature + stats[..., 1]
+
+
 def _rows_view(logits: torch.Tensor) -> torch.Tensor:
     """``logits [..., V]`` as a 3-D view ``[outer, inner, V]`` without copying when the
     leading dims allow it (plain ``[B, T, V]`` slices such as ``logits[:, :-1]`` always do)."""
@@ -233,15 +242,17 @@ def entropy_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Launch the forward kernel on ``logits [..., V]``.
 
-    Returns ``(entropy, logprobs or None, lse)``, each float32 shaped like the token dims.
-    ``block_v`` overrides the vocabulary block (tests use it to cross block edges).
+    Returns ``(entropy, logprobs or None, stats)``: float32 shaped like the token dims, and
+    ``stats [..., 2]`` = (row max of the raw logits, log-sum-exp of ``(x - max) / T``), what the
+    backward needs (see :func:`lse_from_stats`). ``block_v`` overrides the vocabulary block
+    (tests use it to cross block edges).
     """
     token_shape = logits.shape[:-1]
     V = logits.shape[-1]
     view = _rows_view(logits)
     n_rows = view.shape[0] * view.shape[1]
     entropy = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(entropy)
+    stats = torch.empty(n_rows, 2, dtype=torch.float32, device=logits.device)
     logprobs = torch.empty_like(entropy) if labels is not None else None
     if n_rows:
         mask_flat = _flat(mask)
@@ -256,7 +267,7 @@ def entropy_fwd(
             None if mask_flat is None else mask_flat.view(torch.uint8),
             entropy,
             logprobs,
-            lse,
+            stats,
             view.shape[1],
             view.stride(0),
             view.stride(1),
@@ -269,7 +280,7 @@ def entropy_fwd(
     return (
         entropy.view(token_shape),
         None if logprobs is None else logprobs.view(token_shape),
-        lse.view(token_shape),
+        stats.view(*token_shape, 2),
     )
 
 
@@ -278,7 +289,7 @@ def entropy_bwd(
     labels: torch.Tensor | None,
     mask: torch.Tensor | None,
     entropy: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     grad_entropy: torch.Tensor,
     grad_logprobs: torch.Tensor | None,
     inv_temperature: float,
@@ -309,7 +320,7 @@ def entropy_bwd(
             _flat(labels),
             None if mask_flat is None else mask_flat.view(torch.uint8),
             _flat(entropy),
-            _flat(lse),
+            _flat(stats),
             _flat(grad_entropy),
             _flat(grad_logprobs),
             grad_rows,

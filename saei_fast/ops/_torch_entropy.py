@@ -32,39 +32,48 @@ def _log_smallest(dtype: torch.dtype) -> float:
 
 
 def rows_forward(
-    z: torch.Tensor, labels: torch.Tensor | None
+    x: torch.Tensor, labels: torch.Tensor | None, inv_temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Entropy, label log-prob and log-sum-exp of each row of ``z [c, V]``.
+    """Entropy, label log-prob and statistics of each row of logits ``x [c, V]``.
 
-    ``z`` holds ``logits / T`` in the accumulation dtype and is overwritten (it must be a
-    buffer the caller owns). A row of only ``-inf`` gives NaN.
+    ``x`` holds raw logits in the accumulation dtype and is overwritten (it must be a buffer
+    the caller owns). Returns ``(entropy, logprobs or None, stats [c, 2])`` with
+    ``stats = (row max of x, log sum exp((x - max) / T))``, as the Triton kernel does.
+    A row of only ``-inf`` gives NaN.
     """
-    row_max = z.amax(dim=-1, keepdim=True)
-    z.sub_(row_max)
-    unnormalised = torch.exp(z)
+    row_max = x.amax(dim=-1, keepdim=True)
+    # Shift before scaling: (x - max) is exact for nearby logits, x / T is not.
+    d = x.sub_(row_max)
+    if inv_temperature != 1.0:
+        d.mul_(inv_temperature)
+    unnormalised = torch.exp(d)
     total = unnormalised.sum(dim=-1)
     log_total = total.log()
     logprobs = None
     if labels is not None:
-        logprobs = z.gather(1, labels.long().unsqueeze(1)).squeeze(1) - log_total
-    z.clamp_(min=_log_smallest(z.dtype))
-    mean_shifted = torch.bmm(unnormalised.unsqueeze(1), z.unsqueeze(2)).view(-1) / total
-    entropy = log_total - mean_shifted
-    return entropy, logprobs, log_total + row_max.squeeze(1)
+        logprobs = d.gather(1, labels.long().unsqueeze(1)).squeeze(1) - log_total
+    d.clamp_(min=_log_smallest(d.dtype))
+    # sum() reduces pairwise; a BLAS dot (bmm) accumulates serially and loses ~1e-4 at V=32k.
+    mean_d = unnormalised.mul_(d).sum(dim=-1) / total
+    entropy = log_total - mean_d
+    return entropy, logprobs, torch.stack([row_max.squeeze(1), log_total], dim=1)
 
 
 def rows_backward(
-    z: torch.Tensor,
-    lse: torch.Tensor,
+    x: torch.Tensor,
+    stats: torch.Tensor,
     entropy: torch.Tensor,
     grad_entropy: torch.Tensor,
     grad_logprobs: torch.Tensor | None,
     labels: torch.Tensor | None,
     inv_temperature: float,
 ) -> torch.Tensor:
-    """Gradient w.r.t. the logits of ``sum(g_H * H + g_logp * logp)`` for rows ``z [c, V]``
-    (``logits / T`` in the accumulation dtype; overwritten)."""
-    logp = z.sub_(lse.unsqueeze(1))
+    """Gradient w.r.t. the logits of ``sum(g_H * H + g_logp * logp)`` for rows ``x [c, V]``
+    (raw logits in the accumulation dtype; overwritten), given the forward's ``stats``."""
+    logp = x.sub_(stats[:, :1])
+    if inv_temperature != 1.0:
+        logp.mul_(inv_temperature)
+    logp.sub_(stats[:, 1:])
     p = torch.exp(logp)
     logp.clamp_(min=_log_smallest(logp.dtype))
     # grad = p * (g_H * (-log p - H) - g_logp) / T, plus g_logp / T at the label.
@@ -92,19 +101,16 @@ def _row_chunks(logits: torch.Tensor, mask: torch.Tensor | None) -> list[torch.T
     return list(rows.split(chunk_rows))
 
 
-def _gather_scaled(logits: torch.Tensor, rows: torch.Tensor, inv_temperature: float):
-    """Rows ``rows`` of ``logits`` (any strides) as a fresh ``[c, V]`` buffer of ``logits/T``
-    in the accumulation dtype."""
+def _gather_rows(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` of ``logits`` (any strides) as a fresh ``[c, V]`` buffer in the
+    accumulation dtype."""
     if logits.dim() == 1:
         block = logits.unsqueeze(0).clone()
     elif logits.dim() == 2:
         block = logits.index_select(0, rows)
     else:
         block = logits[torch.unravel_index(rows, logits.shape[:-1])]
-    block = block.to(accumulation_dtype(logits.dtype))
-    if inv_temperature != 1.0:
-        block.mul_(inv_temperature)
-    return block
+    return block.to(accumulation_dtype(logits.dtype))
 
 
 def entropy_forward(
@@ -113,24 +119,25 @@ def entropy_forward(
     mask: torch.Tensor | None,
     inv_temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``(entropy, logprobs or None, lse)`` for ``logits [..., V]``; masked rows give 0."""
+    """``(entropy, logprobs or None, stats [..., 2])`` for ``logits [..., V]`` (see
+    :func:`rows_forward`); masked rows give 0."""
     token_shape = logits.shape[:-1]
     acc = accumulation_dtype(logits.dtype)
     n_rows = math.prod(token_shape)
     entropy = torch.zeros(n_rows, dtype=acc, device=logits.device)
-    lse = torch.zeros_like(entropy)
+    stats = torch.zeros(n_rows, 2, dtype=acc, device=logits.device)
     logprobs = torch.zeros_like(entropy) if labels is not None else None
     flat_labels = None if labels is None else labels.reshape(-1)
     for rows in _row_chunks(logits, mask):
-        z = _gather_scaled(logits, rows, inv_temperature)
+        x = _gather_rows(logits, rows)
         chunk_labels = None if flat_labels is None else flat_labels[rows]
-        h, lp, chunk_lse = rows_forward(z, chunk_labels)
+        h, lp, chunk_stats = rows_forward(x, chunk_labels, inv_temperature)
         entropy[rows] = h
-        lse[rows] = chunk_lse
+        stats[rows] = chunk_stats
         if logprobs is not None:
             logprobs[rows] = lp
     reshape = lambda t: None if t is None else t.view(token_shape)
-    return reshape(entropy), reshape(logprobs), reshape(lse)
+    return reshape(entropy), reshape(logprobs), stats.view(*token_shape, 2)
 
 
 def entropy_backward(
@@ -138,7 +145,7 @@ def entropy_backward(
     labels: torch.Tensor | None,
     mask: torch.Tensor | None,
     entropy: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     grad_entropy: torch.Tensor,
     grad_logprobs: torch.Tensor | None,
     inv_temperature: float,
@@ -150,15 +157,16 @@ def entropy_backward(
     grad = make(logits.shape, dtype=logits.dtype, device=logits.device)
     grad_rows = grad.view(-1, V)
     flat = lambda t: None if t is None else t.reshape(-1)
-    entropy, lse, grad_entropy = flat(entropy), flat(lse), flat(grad_entropy).to(acc)
+    entropy, grad_entropy = flat(entropy), flat(grad_entropy).to(acc)
+    stats = stats.reshape(-1, 2)
     grad_logprobs, labels = flat(grad_logprobs), flat(labels)
     if grad_logprobs is not None:
         grad_logprobs = grad_logprobs.to(acc)
     for rows in _row_chunks(logits, mask):
-        z = _gather_scaled(logits, rows, inv_temperature)
+        x = _gather_rows(logits, rows)
         block = rows_backward(
-            z,
-            lse[rows],
+            x,
+            stats[rows],
             entropy[rows],
             grad_entropy[rows],
             None if grad_logprobs is None else grad_logprobs[rows],

@@ -39,14 +39,14 @@ def _entropy_op(
     if _use_triton(impl, logits):
         from saei_fast.kernels.entropy_logits import entropy_fwd
 
-        entropy, logprobs, lse = entropy_fwd(logits, labels, mask, inv_temperature)
+        entropy, logprobs, stats = entropy_fwd(logits, labels, mask, inv_temperature)
     else:
-        entropy, logprobs, lse = _torch_entropy.entropy_forward(
+        entropy, logprobs, stats = _torch_entropy.entropy_forward(
             logits, labels, mask, inv_temperature
         )
     if logprobs is None:  # custom ops cannot return None
         logprobs = entropy.new_empty(0)
-    return entropy, logprobs, lse
+    return entropy, logprobs, stats
 
 
 @_entropy_op.register_fake
@@ -54,7 +54,7 @@ def _(logits, labels, mask, inv_temperature, impl):
     token_shape = logits.shape[:-1]
     entropy = logits.new_empty(token_shape, dtype=_output_dtype(logits))
     logprobs = entropy.new_empty(token_shape if labels is not None else (0,))
-    return entropy, logprobs, entropy.new_empty(token_shape)
+    return entropy, logprobs, entropy.new_empty((*token_shape, 2))
 
 
 @torch.library.custom_op("saei_fast::entropy_from_logits_backward", mutates_args=())
@@ -63,7 +63,7 @@ def _entropy_backward_op(
     labels: torch.Tensor | None,
     mask: torch.Tensor | None,
     entropy: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     grad_entropy: torch.Tensor,
     grad_logprobs: torch.Tensor | None,
     inv_temperature: float,
@@ -73,29 +73,29 @@ def _entropy_backward_op(
         from saei_fast.kernels.entropy_logits import entropy_bwd
 
         return entropy_bwd(
-            logits, labels, mask, entropy, lse, grad_entropy, grad_logprobs, inv_temperature
+            logits, labels, mask, entropy, stats, grad_entropy, grad_logprobs, inv_temperature
         )
     return _torch_entropy.entropy_backward(
-        logits, labels, mask, entropy, lse, grad_entropy, grad_logprobs, inv_temperature
+        logits, labels, mask, entropy, stats, grad_entropy, grad_logprobs, inv_temperature
     )
 
 
 @_entropy_backward_op.register_fake
-def _(logits, labels, mask, entropy, lse, grad_entropy, grad_logprobs, inv_temperature, impl):
+def _(logits, labels, mask, entropy, stats, grad_entropy, grad_logprobs, inv_temperature, impl):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
     logits, labels, mask, inv_temperature, impl = inputs
-    entropy, _, lse = output
-    ctx.save_for_backward(logits, labels, mask, entropy, lse)
+    entropy, _, stats = output
+    ctx.save_for_backward(logits, labels, mask, entropy, stats)
     ctx.inv_temperature = inv_temperature
     ctx.impl = impl
     ctx.has_labels = labels is not None
 
 
-def _backward(ctx, grad_entropy, grad_logprobs, _grad_lse):
-    logits, labels, mask, entropy, lse = ctx.saved_tensors
+def _backward(ctx, grad_entropy, grad_logprobs, _grad_stats):
+    logits, labels, mask, entropy, stats = ctx.saved_tensors
     if grad_entropy is None:
         grad_entropy = torch.zeros_like(entropy)
     if not ctx.has_labels:
@@ -105,7 +105,7 @@ def _backward(ctx, grad_entropy, grad_logprobs, _grad_lse):
         labels,
         mask,
         entropy,
-        lse,
+        stats,
         grad_entropy,
         grad_logprobs,
         ctx.inv_temperature,
