@@ -95,9 +95,7 @@ def test_special_rows_forward_and_backward(impl, v, temperature):
     mask = torch.tensor([True, True, True, True, True, False], device=DEVICE)
 
     leaf = rows.clone().requires_grad_(True)
-    logp, ent = logprobs_and_entropy(
-        leaf, labels, temperature=temperature, mask=mask, impl=impl
-    )
+    logp, ent = logprobs_and_entropy(leaf, labels, temperature=temperature, mask=mask, impl=impl)
     true_logp, true_ent = logprobs_and_entropy_reference(
         rows, labels, temperature=temperature, mask=mask
     )
@@ -232,12 +230,12 @@ def test_kernel_blocks_smaller_than_vocab(block_v):
     grad_h = torch.rand(10, device=DEVICE)
     # A label on a -inf logit has log p = -inf; leave it out of the loss, as the reference must.
     grad_lp = torch.rand(10, device=DEVICE) * finite
-    grad = entropy_bwd(
-        logits, labels, None, ent, stats, grad_h, grad_lp, 1 / 0.7, block_v=block_v
-    )
+    grad = entropy_bwd(logits, labels, None, ent, stats, grad_h, grad_lp, 1 / 0.7, block_v=block_v)
     leaf = _finite_inf(logits).requires_grad_(True)
     ref_logp, ref_ent = logprobs_and_entropy_reference(leaf, labels, temperature=0.7)
-    (grad_h.double() * ref_ent + grad_lp.double() * ref_logp.masked_fill(~finite, 0)).sum().backward()
+    (
+        grad_h.double() * ref_ent + grad_lp.double() * ref_logp.masked_fill(~finite, 0)
+    ).sum().backward()
     torch.testing.assert_close(grad.double(), leaf.grad, atol=2e-6, rtol=1e-4)
 
     # In place: the gradient may overwrite the logits it is computed from.

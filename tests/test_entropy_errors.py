@@ -25,7 +25,11 @@ LABELS = torch.zeros(2, 3, dtype=torch.long)
         ({"temperature": True}, TypeError, "temperature must be a float"),
         ({"temperature": torch.tensor(1.0)}, TypeError, "temperature must be a float"),
         ({"mask": torch.ones(2, 3)}, TypeError, "mask must be a bool tensor"),
-        ({"mask": torch.ones(3, 2, dtype=torch.bool)}, ValueError, r"mask must have shape \(2, 3\)"),
+        (
+            {"mask": torch.ones(3, 2, dtype=torch.bool)},
+            ValueError,
+            r"mask must have shape \(2, 3\)",
+        ),
         ({"impl": "cuda"}, ValueError, "impl must be one of"),
     ],
 )

@@ -107,7 +107,7 @@ def _gather_rows(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     if logits.dim() == 1:
         block = logits.unsqueeze(0).clone()
     elif logits.dim() == 2:
-        block = logits.index_select(0, rows)
+        block = logits[rows]  # advanced indexing: several times faster than index_select
     else:
         block = logits[torch.unravel_index(rows, logits.shape[:-1])]
     return block.to(accumulation_dtype(logits.dtype))
