@@ -520,11 +520,13 @@ def band_select(
     if pos_bits > MAX_POSITION_BITS:
         raise ValueError(f"segments must hold fewer than 2^{MAX_POSITION_BITS} tokens")
     n_passes = triton.cdiv(VALUE_BITS + pos_bits, RADIX_BITS)
+    mean_len = triton.cdiv(n_tokens, n_segments)
     if schedule is None:
-        mean_len = n_tokens / n_segments
         schedule = "segment" if mean_len <= _SEGMENT_SCHEDULE_MAX_LEN else "chunked"
     if tile is None:
-        tile = min(_DEFAULT_TILE, max(16, triton.next_power_of_2(max_len)))
+        # A tile about one segment long (longer segments take several): short packed
+        # sequences do not each get a mostly-masked 4096-token tile.
+        tile = min(_DEFAULT_TILE, max(16, triton.next_power_of_2(mean_len)))
     if not uniform:
         bounds = bounds.to(torch.int64).contiguous()
     valid_bytes = None if valid is None else valid.view(torch.uint8)

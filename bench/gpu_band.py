@@ -1,0 +1,221 @@
+"""Band selection on a device: exactness against the reference, host syncs and timings.
+
+For the GPU check script (``correctness(device)`` and ``timings(device)`` return lists of
+dicts) and shared with ``test_bench_band.py``. It also runs on a CPU with tiny shapes:
+``python bench/gpu_band.py cpu`` (Triton cases then need ``TRITON_INTERPRET=1``).
+
+Providers, each ``fn(entropy [B, T], mask [B, T]) -> bool [B, T]``:
+  ours            saei_fast.entropy_band_mask (argument checks + the select; the NaN check
+                  is the one host sync)
+  ours-nocheck    the registered op alone, as torch.compile runs it (no checks)
+  ours-torch      our sort-based PyTorch path on the same device (the CPU implementation)
+  torch-sort      per-row torch.sort + rank bounds (sequence scope)
+  torch-quantile  torch.quantile thresholds over the valid tokens (batch scope; not the
+                  band rule, the usual global-percentile baseline)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+import saei_fast
+from saei_fast.ops.band import flat_segments
+from saei_fast.ops.dispatch import triton_interpreting
+from saei_fast.reference import (
+    entropy_band_mask_reference,
+    naive_band_mask_quantile,
+    naive_band_mask_sort,
+)
+
+BAND = (1 / 3, 2 / 3)
+GROUP_SIZE = 4  # divides every shape's rows
+# The issue's shapes: 64 responses of 1k and 4k tokens, 16 of 16k.
+CUDA_SHAPES = [(64, 1024), (64, 4096), (16, 16384)]
+CPU_SHAPES = [(8, 256), (4, 1024)]
+# Which scope each provider answers for.
+CASES = [
+    ("ours", "sequence"),
+    ("ours-nocheck", "sequence"),
+    ("ours-torch", "sequence"),
+    ("torch-sort", "sequence"),
+    ("ours", "group"),
+    ("ours", "batch"),
+    ("ours-torch", "batch"),
+    ("torch-quantile", "batch"),
+]
+
+
+def band_inputs(
+    rows: int, width: int, device: str | torch.device, *, seed: int = 0, kind: str = "continuous"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 entropy ``[rows, width]`` and a right-padded mask whose valid lengths are
+    uniform in ``[width / 4, width]`` (RL completions of varying length)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "ties":  # bf16-like coarse values: many equal entropies
+        entropy = torch.randint(0, 8, (rows, width), generator=gen).float() / 4
+    else:
+        entropy = torch.rand(rows, width, generator=gen) * 4
+    lengths = torch.randint(width // 4, width + 1, (rows,), generator=gen)
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    return entropy.to(device), mask.to(device)
+
+
+def provider(name: str, scope: str, impl: str):
+    """The function timed for ``name`` at ``scope``."""
+    group_size = GROUP_SIZE if scope == "group" else None
+    if name == "ours":
+        return lambda e, m: saei_fast.entropy_band_mask(
+            e, m, band=BAND, scope=scope, group_size=group_size
+        )
+    if name == "ours-nocheck":
+        op = torch.ops.saei_fast.entropy_band_mask
+        return lambda e, m: op(e, m, None, *BAND, scope, group_size or 1, impl)
+    if name == "ours-torch":
+        return lambda e, m: saei_fast.entropy_band_mask(
+            e, m, band=BAND, scope=scope, group_size=group_size, impl="torch"
+        )
+    if name == "torch-sort":
+        return lambda e, m: naive_band_mask_sort(e, m, band=BAND)
+    if name == "torch-quantile":
+        return lambda e, m: naive_band_mask_quantile(e, m, band=BAND)
+    raise ValueError(f"unknown provider {name!r}")
+
+
+def count_host_syncs(fn) -> int | None:
+    """Synchronising CUDA calls made by ``fn()`` (None off CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def median_ms(fn, device: torch.device, *, warmup: int = 3, reps: int = 20) -> float:
+    """Median wall time of ``fn()`` in ms, synchronised on CUDA."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+# -------------------------------------------------------------------------------------------
+# Correctness
+# -------------------------------------------------------------------------------------------
+
+
+def _row(case: str, got: torch.Tensor, expected: torch.Tensor) -> dict:
+    mismatches = int((got.cpu() != expected.cpu()).sum())
+    return {"op": "entropy_band_mask", "case": case, "mismatches": mismatches,
+            "ok": mismatches == 0}  # fmt: skip
+
+
+def _kernel(entropy, mask, scope, group_size, schedule, cu_seqlens=None):
+    from saei_fast.kernels.band_select import band_select
+
+    values, valid, seg_len, bounds = flat_segments(entropy, mask, cu_seqlens, scope, group_size)
+    return band_select(values, valid, *BAND, seg_len=seg_len, bounds=bounds, schedule=schedule)
+
+
+def correctness(device: str) -> list[dict]:
+    """Exact agreement with the reference on both schedules, both layouts, all scopes, ties,
+    long rows; plus the host-sync counts (0 for the select, 1 for the NaN check)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    shapes = [(64, 4096), (4, 32768), (3, 5000)] if cuda else [(4, 300), (2, 1100)]
+    # Off CUDA the kernels only run in Triton's interpreter; without it, the public op
+    # (the PyTorch path there) is all that can be checked.
+    schedules = ("segment", "chunked") if cuda or triton_interpreting() else ()
+    rows = []
+    for rows_, width in shapes:
+        for kind in ("continuous", "ties"):
+            entropy, mask = band_inputs(rows_, width, device, seed=rows_ + width, kind=kind)
+            packed, counts = entropy[mask], mask.sum(-1)
+            cu_seqlens = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+            for scope in ("sequence", "group", "batch"):
+                group_size = 2 if scope == "group" and rows_ % 2 == 0 else 1
+                if scope == "group" and rows_ % 2:
+                    continue
+                expected = entropy_band_mask_reference(
+                    entropy.cpu(), mask.cpu(), band=BAND, scope=scope, group_size=group_size
+                )
+                name = f"{scope} {rows_}x{width} {kind}"
+                public = saei_fast.entropy_band_mask(
+                    entropy, mask, band=BAND, scope=scope, group_size=group_size
+                )
+                rows.append(_row(f"{name} public", public, expected))
+                for schedule in schedules:
+                    got = _kernel(entropy, mask, scope, group_size, schedule)
+                    rows.append(_row(f"{name} {schedule}", got.view(mask.shape), expected))
+                    got = _kernel(packed, None, scope, group_size, schedule, cu_seqlens)
+                    rows.append(_row(f"{name} packed {schedule}", got, expected[mask.cpu()]))
+    if cuda:
+        entropy, mask = band_inputs(64, 4096, device)
+        for name, scope in (("ours-nocheck", "sequence"), ("ours-nocheck", "batch")):
+            call = functools.partial(provider(name, scope, "triton"), entropy, mask)
+            call()  # compile outside the count
+            syncs = count_host_syncs(call)
+            rows.append({"op": "entropy_band_mask", "case": f"host syncs {name} {scope}",
+                         "host_syncs": syncs, "ok": syncs == 0})  # fmt: skip
+    return rows
+
+
+# -------------------------------------------------------------------------------------------
+# Timings
+# -------------------------------------------------------------------------------------------
+
+
+def timings(device: str) -> list[dict]:
+    """Median ms per provider and shape, with valid tokens, Mtoken/s and host syncs."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    impl = "triton" if cuda else "torch"
+    results = []
+    for rows_, width in CUDA_SHAPES if cuda else CPU_SHAPES:
+        entropy, mask = band_inputs(rows_, width, device)
+        tokens = int(mask.sum())
+        for name, scope in CASES:
+            call = functools.partial(provider(name, scope, impl), entropy, mask)
+            ms = median_ms(call, device, reps=20 if cuda else 5)
+            results.append(
+                {
+                    "op": "entropy_band_mask",
+                    "provider": name,
+                    "scope": scope,
+                    "shape": f"{rows_}x{width}",
+                    "ms": round(ms, 4),
+                    "valid_tokens": tokens,
+                    "Mtoken/s": round(tokens / ms / 1e3, 1),
+                    "host_syncs": count_host_syncs(call),
+                }
+            )
+    return results
+
+
+if __name__ == "__main__":
+    where = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+    if where == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    for row in correctness(where) + timings(where):
+        print(row)
