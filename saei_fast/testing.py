@@ -1,0 +1,402 @@
+"""Tiny random-weight VLMs, their image processors and batches, built in code (no downloads).
+
+The test suites use them, and they are a quick way to try the library without a GPU:
+
+    model = tiny_qwen2_5_vl()
+    processor = tiny_qwen_image_processor()
+    batch = vlm_batch(model, processor, random_images(2, (56, 56)), group_size=3)
+    result = saei_fast.entropy_attack(model, batch.inputs, batch.completion_mask,
+        space=saei_fast.pixels.from_processor(processor),
+        config=saei_fast.AttackConfig(group_size=3))
+
+Special tokens take the top ids of the vocabulary; prompts and completions are random ids
+below them. Requires ``transformers`` (>= 5.0, for the configs and PIL image processors) and
+``pillow``; importing ``saei_fast`` alone does not import this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessorPil,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
+
+# Special token ids count down from the top of the vocabulary.
+_SPECIAL = ("pad", "image", "video", "vision_start", "vision_end")
+
+
+def special_token_ids(vocab_size: int) -> dict[str, int]:
+    """Ids of the special tokens of a tiny model with ``vocab_size`` tokens."""
+    return {name: vocab_size - 1 - index for index, name in enumerate(_SPECIAL)}
+
+
+def _seeded(builder, seed: int):
+    # Random init draws from the global generator: fork it so a seed gives one model and
+    # building a model does not disturb the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return builder()
+
+
+def tiny_qwen2_5_vl(
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    vocab_size: int = 128,
+    num_heads: int | None = None,
+    intermediate_size: int | None = None,
+    vision_hidden_size: int = 32,
+    vision_depth: int = 2,
+    vision_num_heads: int | None = None,
+    patch_size: int = 14,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Qwen2_5_VLForConditionalGeneration:
+    """A Qwen2.5-VL with random weights; shapes of the real one, sizes of a toy (eval mode).
+
+    The vision tower has one windowed and one full-attention block (both code paths) with
+    a 2x2 patch merger, as in the released models. Defaults: ``hidden_size // 8`` text
+    heads, ``vision_hidden_size // 16`` vision heads, MLPs twice as wide as the model.
+    """
+    ids = special_token_ids(vocab_size)
+    num_heads = num_heads or max(1, hidden_size // 8)
+    half = hidden_size // num_heads // 2
+    # Multimodal RoPE splits half the head dim over (time, height, width), in the released
+    # models' proportions (16, 24, 24 of 64).
+    temporal = max(1, half // 4)
+    height = (half - temporal) // 2
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": vision_depth,
+            "hidden_size": vision_hidden_size,
+            "intermediate_size": 2 * vision_hidden_size,
+            "num_heads": vision_num_heads or max(1, vision_hidden_size // 16),
+            "patch_size": patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": hidden_size,
+            "window_size": 4 * patch_size,
+            "fullatt_block_indexes": [vision_depth - 1],
+        },
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size or 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": max(1, num_heads // 2),
+            "max_position_embeddings": 4096,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [temporal, height, half - temporal - height],
+            },
+            "bos_token_id": None,
+            "eos_token_id": ids["pad"],
+            "pad_token_id": ids["pad"],
+        },
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+    )
+    config._attn_implementation = attn_implementation
+    model = _seeded(lambda: Qwen2_5_VLForConditionalGeneration(config), seed)
+    return model.to(dtype).eval()
+
+
+def tiny_qwen3_vl(
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    vocab_size: int = 128,
+    vision_hidden_size: int = 32,
+    vision_depth: int = 2,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Qwen3VLForConditionalGeneration:
+    """A Qwen3-VL with random weights (16-pixel patches, DeepStack features from the first
+    vision block, interleaved multimodal RoPE), eval mode. Its image processor is
+    ``tiny_qwen_image_processor(patch_size=16)`` with mean = std = 0.5, as released."""
+    ids = special_token_ids(vocab_size)
+    num_heads = max(1, hidden_size // 8)
+    head_dim = hidden_size // num_heads
+    half = head_dim // 2
+    temporal = max(1, half // 4)
+    height = (half - temporal) // 2
+    config = Qwen3VLConfig(
+        vision_config={
+            "depth": vision_depth,
+            "hidden_size": vision_hidden_size,
+            "intermediate_size": 2 * vision_hidden_size,
+            "num_heads": max(1, vision_hidden_size // 16),
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": hidden_size,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        },
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": max(1, num_heads // 2),
+            "head_dim": head_dim,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [temporal, height, half - temporal - height],
+                "mrope_interleaved": True,
+            },
+            "bos_token_id": None,
+            "eos_token_id": ids["pad"],
+            "pad_token_id": ids["pad"],
+        },
+        image_token_id=ids["image"],
+        video_token_id=ids["video"],
+        vision_start_token_id=ids["vision_start"],
+        vision_end_token_id=ids["vision_end"],
+    )
+    config._attn_implementation = attn_implementation
+    model = _seeded(lambda: Qwen3VLForConditionalGeneration(config), seed)
+    return model.to(dtype).eval()
+
+
+def tiny_qwen_image_processor(
+    *, max_side: int = 56, patch_size: int = 14
+) -> Qwen2VLImageProcessorPil:
+    """The real Qwen2-VL PIL image processor (used by Qwen2/2.5/3-VL), limited to images of
+    at most ``max_side x max_side`` pixels (sides are multiples of ``2 * patch_size``).
+    ``patch_size=16`` gives Qwen3-VL's: 16-pixel patches, mean = std = 0.5."""
+    factor = 2 * patch_size
+    qwen3 = {"image_mean": [0.5] * 3, "image_std": [0.5] * 3} if patch_size == 16 else {}
+    return Qwen2VLImageProcessorPil(
+        size={"shortest_edge": factor * factor, "longest_edge": max_side * max_side},
+        patch_size=patch_size,
+        temporal_patch_size=2,
+        merge_size=2,
+        **qwen3,
+    )
+
+
+def tiny_llava(
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    vocab_size: int = 128,
+    image_size: int = 28,
+    patch_size: int = 7,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> LlavaForConditionalGeneration:
+    """A LLaVA (CLIP vision tower + Llama) with random weights (eval mode)."""
+    ids = special_token_ids(vocab_size)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=max(1, hidden_size // 16),
+            image_size=image_size,
+            patch_size=patch_size,
+            projection_dim=hidden_size,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=max(1, hidden_size // 8),
+            num_key_value_heads=max(1, hidden_size // 16),
+            max_position_embeddings=1024,
+            bos_token_id=None,
+            eos_token_id=ids["pad"],
+            pad_token_id=ids["pad"],
+        ),
+        image_token_index=ids["image"],
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = attn_implementation
+    model = _seeded(lambda: LlavaForConditionalGeneration(config), seed)
+    return model.to(dtype).eval()
+
+
+def tiny_llava_image_processor(*, image_size: int = 28) -> LlavaImageProcessorPil:
+    """The real LLaVA PIL image processor (CLIP mean/std) at ``image_size`` pixels."""
+    return LlavaImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+
+
+def tiny_idefics3(
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    vocab_size: int = 128,
+    image_size: int = 28,
+    patch_size: int = 7,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Idefics3ForConditionalGeneration:
+    """An Idefics3 (SmolVLM's architecture: SigLIP-style tower, pixel shuffle, Llama) with
+    random weights (eval mode); its batches are ``[B, N, C, H, W]`` with padded slots."""
+    ids = special_token_ids(vocab_size)
+    config = Idefics3Config(
+        vision_config={
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": 2,
+            "num_attention_heads": max(1, hidden_size // 16),
+            "image_size": image_size,
+            "patch_size": patch_size,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
+            "intermediate_size": 2 * hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": max(1, hidden_size // 8),
+            "num_key_value_heads": max(1, hidden_size // 16),
+            "bos_token_id": None,
+            "eos_token_id": ids["pad"],
+            "pad_token_id": ids["pad"],
+        },
+        image_token_id=ids["image"],
+        scale_factor=2,
+    )
+    config._attn_implementation = attn_implementation
+    model = _seeded(lambda: Idefics3ForConditionalGeneration(config), seed)
+    return model.to(dtype).eval()
+
+
+def tiny_idefics3_image_processor(*, image_size: int = 28) -> Idefics3ImageProcessorPil:
+    """The real Idefics3 PIL image processor without splitting, at ``image_size`` pixels."""
+    return Idefics3ImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size},
+    )
+
+
+def random_images(
+    count: int, size: tuple[int, int], *, seed: int = 0, channels: int = 3
+) -> list[Image.Image]:
+    """``count`` PIL images of ``size = (height, width)`` with uniformly random pixels."""
+    rng = np.random.default_rng(seed)
+    shape = (size[0], size[1], channels) if channels > 1 else tuple(size)
+    return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(count)]
+
+
+@dataclass
+class VLMBatch:
+    """A model batch and the mask of its completion tokens (what ``entropy_attack`` takes)."""
+
+    inputs: dict[str, torch.Tensor]
+    completion_mask: torch.Tensor
+
+
+def _image_token_count(model, image_inputs: dict, index: int) -> int:
+    config = model.config
+    if "image_grid_thw" in image_inputs:
+        merge = config.vision_config.spatial_merge_size
+        return int(image_inputs["image_grid_thw"][index].prod()) // merge**2
+    if hasattr(config, "scale_factor"):  # Idefics3: pixel shuffle merges scale_factor**2 patches
+        vision = config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
+    return int(config.image_seq_length)
+
+
+def vlm_batch(
+    model,
+    image_processor,
+    images: Sequence[Image.Image | Sequence[Image.Image]],
+    *,
+    group_size: int = 1,
+    prompt_lengths: tuple[int, int] = (3, 6),
+    completion_lengths: tuple[int, int] = (4, 9),
+    seed: int = 0,
+) -> VLMBatch:
+    """A GRPO-style batch: ``len(images) * group_size`` rows, ``images[i]`` (one image or a
+    list of images) in every row of group ``i``, each row a random prompt around the image
+    placeholders and a random completion, laid out as trainers do (prompt left-padded,
+    completion right-padded).
+
+    Lengths are drawn uniformly from the inclusive ranges. Every row carries its own copy
+    of its image, processed by ``image_processor``; the batch holds the fields the model's
+    forward takes (``mm_token_type_ids`` for Qwen-VL).
+    """
+    ids = special_token_ids(model.config.get_text_config().vocab_size)
+    rng = np.random.default_rng(seed)
+    groups = [[image] if isinstance(image, Image.Image) else list(image) for image in images]
+    row_images = [group for group in groups for _ in range(group_size)]
+    if hasattr(image_processor, "do_image_splitting"):  # Idefics3 / SmolVLM: a list per row
+        image_inputs = dict(image_processor(row_images, return_tensors="pt"))
+    else:
+        flat = [image for row in row_images for image in row]
+        image_inputs = dict(image_processor(flat, return_tensors="pt"))
+    vocab = model.config.get_text_config().vocab_size - len(_SPECIAL)  # ordinary token ids
+
+    prompts, completions, image_index = [], [], 0
+    for row_group in row_images:
+        prompt = rng.integers(0, vocab, rng.integers(1, prompt_lengths[0] + 1)).tolist()
+        for _ in row_group:
+            placeholder = [ids["image"]] * _image_token_count(model, image_inputs, image_index)
+            if "image_grid_thw" in image_inputs:
+                placeholder = [ids["vision_start"], *placeholder, ids["vision_end"]]
+            prompt += placeholder
+            image_index += 1
+        length = rng.integers(prompt_lengths[0], prompt_lengths[1] + 1)
+        prompts.append(prompt + rng.integers(0, vocab, length).tolist())
+        length = rng.integers(completion_lengths[0], completion_lengths[1] + 1)
+        completions.append(rng.integers(0, vocab, length).tolist())
+
+    prompt_width = max(map(len, prompts))
+    completion_width = max(map(len, completions))
+    rows, attention, completion_mask = [], [], []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        left = prompt_width - len(prompt)
+        right = completion_width - len(completion)
+        rows.append([ids["pad"]] * left + prompt + completion + [ids["pad"]] * right)
+        attention.append([0] * left + [1] * (len(prompt) + len(completion)) + [0] * right)
+        completion_mask.append([False] * prompt_width + [True] * len(completion) + [False] * right)
+
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.tensor(attention, dtype=torch.long),
+        **image_inputs,
+    }
+    if "image_grid_thw" in image_inputs:
+        inputs["mm_token_type_ids"] = (input_ids == ids["image"]).int()
+    dtype = next(model.parameters()).dtype
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return VLMBatch(inputs=inputs, completion_mask=torch.tensor(completion_mask))
