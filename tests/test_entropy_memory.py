@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from saei_fast.memory import rss_tracking_available
+from saei_fast.ops._torch_entropy import CHUNK_ELEMENTS
 
 _SCRIPT = """
 import json, sys, torch
@@ -49,14 +50,16 @@ def _peak(n: int, v: int, provider: str, mode: str) -> dict:
 
 @pytest.mark.skipif(not rss_tracking_available(), reason="needs Linux /proc RSS high-water mark")
 def test_cpu_forward_extra_memory_is_bounded():
-    small, large = _peak(256, 32000, "ours", "forward"), _peak(1024, 32000, "ours", "forward")
     naive = _peak(1024, 32000, "naive", "forward")
-    # Naive allocates several [N, V] fp32 temporaries; ours a few fixed-size chunks.
+    # Naive allocates several [N, V] fp32 temporaries; ours a few fixed-size chunk buffers.
     assert naive["peak"] > 2 * naive["logits"]
-    assert large["peak"] < 0.05 * naive["peak"]
-    # 4x the rows, and the chunk buffers do not grow (a 2 MiB allowance for per-row outputs
-    # and allocator rounding).
-    assert large["peak"] < small["peak"] + 2 * 2**20
+    # The bound does not depend on N: a few chunk buffers plus allocator slack (the RSS
+    # high-water mark moves with how glibc reuses freed chunks, hence the generous factor).
+    bound = 8 * CHUNK_ELEMENTS * 4
+    for n in (1024, 4096):
+        ours = _peak(n, 32000, "ours", "forward")
+        assert ours["peak"] < bound, (n, ours)
+        assert ours["peak"] < 0.05 * naive["peak"] * n / 1024
 
 
 @pytest.mark.skipif(not rss_tracking_available(), reason="needs Linux /proc RSS high-water mark")
