@@ -3,9 +3,11 @@
 style: token chunks under activation checkpointing).
 
 The lm_head is frozen (as in the entropy attack): "forward+backward" is the gradient w.r.t.
-``hidden`` only. Each (provider, mode) runs in a fresh interpreter, so allocator reuse cannot
-hide memory; peak extra memory is the RSS high-water mark of the first call above the RSS
-once the inputs exist, and the time is the median of the calls after it.
+``hidden`` only. Memory: each (provider, mode) runs in a fresh interpreter, so allocator reuse
+cannot hide memory; after one warm-up call (one-time allocations such as thread pools are not
+the op's), peak extra memory is the RSS high-water mark of a call above the RSS before it.
+Time: one interpreter runs the providers in turn, round after round (the first round is a
+warm-up), so load from other work on a shared machine hits them alike; the median is kept.
 
     python bench/measure_cpu_memory.py --n 2048 --d 512 --v 151936
 """
@@ -18,53 +20,66 @@ import subprocess
 import sys
 import time
 
-_WORKER = """
+_SETUP = """
 import json, sys, time, torch
 from saei_fast.memory import peak_memory_of
 from saei_fast.ops import linear_entropy
 from saei_fast.reference import chunked_linear_entropy, naive_linear_entropy
 
-n, d, v, provider, mode, repeats = sys.argv[1:7]
+n, d, v, mode, repeats = sys.argv[1:6]
 n, d, v, repeats = int(n), int(d), int(v), int(repeats)
+providers = sys.argv[6:]
 gen = torch.Generator().manual_seed(0)
 hidden = torch.randn(n, d, generator=gen)
 weight = torch.randn(v, d, generator=gen).mul_(d ** -0.5)  # frozen lm_head
-fn = {
+FNS = {
     "ours": lambda h: linear_entropy(h, weight, impl="torch"),
     "naive": lambda h: naive_linear_entropy(h, weight),
     "chunked": lambda h: chunked_linear_entropy(h, weight),
-}[provider]
+}
 
-def run():
-    if mode == "forward":
-        with torch.no_grad():
-            fn(hidden)
-    else:
-        leaf = hidden.detach().requires_grad_(True)
-        fn(leaf).sum().backward()
-
-peak = peak_memory_of(run)  # the first call: nothing reused yet
-times = []
-for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-times.sort()
-print(json.dumps({"peak": peak, "median_s": times[len(times) // 2]}))
+def runner(provider):
+    fn = FNS[provider]
+    def run():
+        if mode == "forward":
+            with torch.no_grad():
+                fn(hidden)
+        else:
+            leaf = hidden.detach().requires_grad_(True)
+            fn(leaf).sum().backward()
+    return run
 """
+
+_MEMORY = """
+(provider,) = providers
+run = runner(provider)
+run()
+print(json.dumps({"peak": peak_memory_of(run)}))
+"""
+
+_TIME = """
+runs = {p: runner(p) for p in providers}
+times = {p: [] for p in providers}
+for round in range(repeats + 1):
+    for p, run in runs.items():
+        start = time.perf_counter()
+        run()
+        if round:
+            times[p].append(time.perf_counter() - start)
+print(json.dumps({p: sorted(t)[len(t) // 2] for p, t in times.items()}))
+"""
+
+
+def _worker(code: str, n, d, v, mode, repeats, providers) -> dict:
+    args = [str(n), str(d), str(v), mode, str(repeats), *providers]
+    out = subprocess.run(
+        [sys.executable, "-c", _SETUP + code, *args], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
 
 MODES = ("forward", "forward+backward")
 PROVIDERS = ("naive", "ours", "chunked")
-
-
-def measure(n: int, d: int, v: int, provider: str, mode: str, repeats: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", _WORKER, str(n), str(d), str(v), provider, mode, str(repeats)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -88,13 +103,14 @@ def main() -> None:
         "| memory / naive |"
     )
     print("|---|---|---|---|---|---|")
+    shape = (args.n, args.d, args.v)
     for mode in args.modes:
-        rows = {p: measure(args.n, args.d, args.v, p, mode, args.repeats) for p in args.providers}
-        naive = rows["naive"]
-        for provider, row in rows.items():
+        peaks = {p: _worker(_MEMORY, *shape, mode, 0, [p])["peak"] for p in args.providers}
+        medians = _worker(_TIME, *shape, mode, args.repeats, args.providers)
+        for p in args.providers:
             print(
-                f"| {mode} | {provider} | {row['median_s']:.2f} | {row['peak'] / 2**20:.0f} | "
-                f"{row['median_s'] / naive['median_s']:.2f} | {row['peak'] / naive['peak']:.3f} |",
+                f"| {mode} | {p} | {medians[p]:.2f} | {peaks[p] / 2**20:.0f} | "
+                f"{medians[p] / medians['naive']:.2f} | {peaks[p] / peaks['naive']:.3f} |",
                 flush=True,
             )
 

@@ -21,8 +21,11 @@ every real logit is very negative (or one is peaked far below 0), so those colum
 Backward (``linear_entropy_grad_logits``): for one chunk of rows, recompute each logits tile
 with ``tl.dot`` in fp32 and write only the gradient w.r.t. the logits,
 ``[g_H * p * (-log p - H) + g_logp * (onehot(label) - p)] / T`` with
-``log p = (x - m) / T - log s``, in the hidden dtype; the
-caller turns it into gradients w.r.t. ``hidden`` / ``weight`` / ``bias`` with two GEMMs.
+``log p = (x - m) / T - log s``, in the hidden dtype; the caller turns it into gradients
+w.r.t. ``hidden`` / ``weight`` / ``bias`` with two GEMMs.
+
+Launch configuration: one known-good tile config per dtype; ``SAEI_AUTOTUNE=1`` searches a
+small set instead (keyed on the lm_head's shape, never on the number of rows).
 
 Rows may be a subset (``rows``: int64 indices into ``hidden``), which is how masked tokens
 (prompts, image tokens) cost nothing. A label outside ``[0, V)`` gives a NaN log-prob and
@@ -33,6 +36,7 @@ by another rank).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -73,7 +77,7 @@ def _logits_tile(
         p_h = hidden_ptr + o_rows[:, None] * stride_hn + o_dd[None, :] * stride_hd
         b_h = tl.load(p_h, mask=m_n[:, None] & m_d[None, :], other=0.0)
         # The weight tile is read transposed, [BLOCK_D, BLOCK_V], straight from [V, D].
-        p_w = weight_ptr + o_cols[None, :] * stride_wv + o_dd[:, None] * stride_wd
+        p_w = weight_ptr + o_cols[None, :].to(tl.int64) * stride_wv + o_dd[:, None] * stride_wd
         b_w = tl.load(p_w, mask=m_cols[None, :] & m_d[:, None], other=0.0)
         b_acc = tl.dot(b_h, b_w, b_acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
@@ -100,7 +104,7 @@ def _merge_stats(b_m, b_s, b_w, c_m, c_s, c_w, inv_temperature):
     return m_new, s_new, w_new
 
 
-@triton.jit(do_not_specialize=["n_rows"])
+@triton.jit(do_not_specialize=["n_rows", "n_splits"])
 def _linear_entropy_fwd_kernel(
     hidden_ptr,
     weight_ptr,
@@ -114,7 +118,7 @@ def _linear_entropy_fwd_kernel(
     n_rows,
     V,
     D,
-    tiles_per_split,
+    n_splits,
     stride_hn,
     stride_hd,
     stride_wv,
@@ -146,6 +150,9 @@ def _linear_entropy_fwd_kernel(
     b_s = tl.zeros((BLOCK_N,), tl.float32)
     b_w = tl.zeros((BLOCK_N,), tl.float32)
     b_label_x = tl.zeros((BLOCK_N,), tl.float32)
+    # A contiguous range of vocabulary tiles per split (the last splits may be empty: they
+    # store m = -inf, s = 0, which the merge ignores).
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), n_splits)
     v_begin = i_split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
     for v_start in range(v_begin, v_end, BLOCK_V):
@@ -317,7 +324,7 @@ def _linear_entropy_grad_logits_kernel(
     if HAS_LABELS:
         b_g += tl.where(o_cols[None, :] == b_label[:, None], b_g_logprob[:, None], 0.0)
     b_g *= inv_temperature
-    p_g = grad_logits_ptr + o_n[:, None] * stride_gn + o_cols[None, :]
+    p_g = grad_logits_ptr + o_n[:, None].to(tl.int64) * stride_gn + o_cols[None, :]
     tl.store(p_g, b_g.to(grad_logits_ptr.dtype.element_ty), mask=m_n[:, None] & m_cols[None, :])
 
 
@@ -342,6 +349,28 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _autotune_enabled() -> bool:
+    # The interpreter has no benchmarker: the search only runs on a GPU.
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return not interpreting and os.environ.get("SAEI_AUTOTUNE", "0") not in ("", "0")
+
+
+_TUNING_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+    for bn, bv, bd in ((128, 128, 64), (64, 128, 64), (128, 64, 64), (64, 64, 64), (128, 256, 32))
+    for warps, stages in ((4, 3), (8, 3), (8, 4))
+]
+
+
+@functools.cache
+def _tuned(kernel):
+    # Opt-in search (SAEI_AUTOTUNE=1). The key holds the shapes of the lm_head only: the
+    # number of rows changes every RL batch and must not trigger a new search.
+    return triton.autotune(
+        _TUNING_CONFIGS, key=["V", "D", "HAS_BIAS", "HAS_LABELS", "DOT_PRECISION"]
+    )(kernel)
+
+
 @functools.cache
 def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -350,13 +379,30 @@ def _multiprocessor_count(device_index: int) -> int:
 def _num_splits(n_row_blocks: int, n_vocab_tiles: int, device: torch.device) -> int:
     # About two programs per SM. The interpreter (CPU tensors) has no SMs: use a few splits
     # so the merge is exercised there too.
-    target = 2 * _multiprocessor_count(device.index or 0) if device.type == "cuda" else 4
+    if device.type != "cuda":
+        target = 4
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = 2 * _multiprocessor_count(index)
     return max(1, min(n_vocab_tiles, triton.cdiv(target, max(1, n_row_blocks))))
 
 
 def _check_blocks(blocks: tuple[int, int, int] | None) -> None:
     if blocks is not None and any(b < 16 or b & (b - 1) for b in blocks):
         raise ValueError(f"blocks must be powers of two >= 16 (tl.dot), got {blocks}")
+
+
+def _launch(kernel, grid, dtype, blocks, *args, **meta):
+    """One fixed config (``blocks`` or the dtype's default), or the opt-in search."""
+    meta["DOT_PRECISION"] = _dot_precision(dtype)
+    if blocks is None and _autotune_enabled():
+        _tuned(kernel)[grid](*args, **meta)
+        return
+    block_n, block_v, block_d, num_warps, num_stages = _gemm_blocks(dtype)
+    if blocks is not None:
+        block_n, block_v, block_d = blocks
+    config = {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_D": block_d}
+    kernel[grid](*args, **meta, **config, num_warps=num_warps, num_stages=num_stages)
 
 
 def linear_entropy_fwd(
@@ -383,9 +429,6 @@ def linear_entropy_fwd(
     _check_blocks(blocks)
     N, D = hidden.shape
     V = weight.shape[0]
-    block_n, block_v, block_d, num_warps, num_stages = _gemm_blocks(hidden.dtype)
-    if blocks is not None:
-        block_n, block_v, block_d = blocks
     make = torch.zeros if rows is not None else torch.empty
     entropy = make(N, dtype=torch.float32, device=hidden.device)
     stats = make(N, 2, dtype=torch.float32, device=hidden.device)
@@ -394,13 +437,17 @@ def linear_entropy_fwd(
     if n_rows == 0:
         return entropy, logprobs, stats
 
-    n_row_blocks = triton.cdiv(n_rows, block_n)
-    n_vocab_tiles = triton.cdiv(V, block_v)
-    splits = num_splits or _num_splits(n_row_blocks, n_vocab_tiles, hidden.device)
-    tiles_per_split = triton.cdiv(n_vocab_tiles, max(1, min(splits, n_vocab_tiles)))
-    splits = triton.cdiv(n_vocab_tiles, tiles_per_split)  # no empty split
+    if num_splits is None:
+        block_n, block_v = blocks[:2] if blocks is not None else _gemm_blocks(hidden.dtype)[:2]
+        n_tiles = triton.cdiv(V, block_v)
+        num_splits = _num_splits(triton.cdiv(n_rows, block_n), n_tiles, hidden.device)
+    splits = num_splits
     parts = torch.empty(4 if labels is not None else 3, splits, n_rows, device=hidden.device)
-    _linear_entropy_fwd_kernel[(n_row_blocks, splits)](
+    _launch(
+        _linear_entropy_fwd_kernel,
+        lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits),
+        hidden.dtype,
+        blocks,
         hidden,
         weight,
         bias,
@@ -413,7 +460,7 @@ def linear_entropy_fwd(
         n_rows,
         V,
         D,
-        tiles_per_split,
+        splits,
         hidden.stride(0),
         hidden.stride(1),
         weight.stride(0),
@@ -422,12 +469,6 @@ def linear_entropy_fwd(
         HAS_BIAS=bias is not None,
         HAS_ROWS=rows is not None,
         HAS_LABELS=labels is not None,
-        BLOCK_N=block_n,
-        BLOCK_V=block_v,
-        BLOCK_D=block_d,
-        DOT_PRECISION=_dot_precision(hidden.dtype),
-        num_warps=num_warps,
-        num_stages=num_stages,
     )
     merge_block = 128
     _merge_splits_kernel[(triton.cdiv(n_rows, merge_block),)](
@@ -482,11 +523,11 @@ def linear_entropy_grad_logits(
         raise ValueError(f"out must be [c, {weight.shape[0]}] with unit column stride")
     if n_rows == 0:
         return out
-    block_n, block_v, block_d, num_warps, num_stages = _gemm_blocks(hidden.dtype)
-    if blocks is not None:
-        block_n, block_v, block_d = blocks
-    grid = (triton.cdiv(n_rows, block_n), triton.cdiv(V, block_v))
-    _linear_entropy_grad_logits_kernel[grid](
+    _launch(
+        _linear_entropy_grad_logits_kernel,
+        lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(V, meta["BLOCK_V"])),
+        hidden.dtype,
+        blocks,
         hidden,
         weight,
         bias,
@@ -510,11 +551,5 @@ def linear_entropy_grad_logits(
         HAS_BIAS=bias is not None,
         HAS_ROWS=rows is not None,
         HAS_LABELS=labels is not None,
-        BLOCK_N=block_n,
-        BLOCK_V=block_v,
-        BLOCK_D=block_d,
-        DOT_PRECISION=_dot_precision(hidden.dtype),
-        num_warps=num_warps,
-        num_stages=num_stages,
     )
     return out

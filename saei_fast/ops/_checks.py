@@ -36,12 +36,7 @@ def check_float_tensor(name: str, value: object, *, min_dim: int = 0) -> torch.T
 
 
 def check_temperature(temperature: object) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature <= 0.0:
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    return temperature
+    return check_positive_float("temperature", temperature)
 
 
 def check_same_device(name: str, tensor: torch.Tensor, reference: torch.Tensor, ref_name: str):
@@ -52,21 +47,33 @@ def check_same_device(name: str, tensor: torch.Tensor, reference: torch.Tensor, 
         )
 
 
+def check_same_dtype(name: str, tensor: torch.Tensor, reference: torch.Tensor, ref_name: str):
+    if tensor.dtype != reference.dtype:
+        raise TypeError(
+            f"{name} must have the dtype of {ref_name} ({reference.dtype}), got {tensor.dtype}"
+        )
+
+
 def check_mask(
-    mask: object, token_shape: Sequence[int], reference: torch.Tensor, ref_name: str
+    mask: object,
+    token_shape: Sequence[int],
+    reference: torch.Tensor,
+    ref_name: str,
+    *,
+    name: str = "mask",
 ) -> torch.Tensor | None:
     """A bool mask shaped like the token dims of ``reference`` (or None)."""
     if mask is None:
         return None
-    mask = check_tensor("mask", mask)
+    mask = check_tensor(name, mask)
     if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
+        raise TypeError(f"{name} must be a bool tensor (True = real token), got {mask.dtype}")
     if tuple(mask.shape) != tuple(token_shape):
         raise ValueError(
-            f"mask must have shape {tuple(token_shape)} (the token dims of {ref_name}), "
+            f"{name} must have shape {tuple(token_shape)} (the token dims of {ref_name}), "
             f"got {tuple(mask.shape)}"
         )
-    check_same_device("mask", mask, reference, ref_name)
+    check_same_device(name, mask, reference, ref_name)
     return mask
 
 
@@ -104,3 +111,97 @@ def check_labels(
                 f"such as {bad}; mask out padding (e.g. -100) with mask=..."
             )
     return labels
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """A finite Python number > 0 (bool is rejected), returned as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """A Python int >= 1 (bool is rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_non_negative_float(name: str, value: object) -> float:
+    """A finite Python number >= 0 (bool is rejected), returned as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_band(band: object) -> tuple[float, float]:
+    """A pair ``(lo, hi)`` of Python numbers with ``0 <= lo < hi <= 1``, returned as floats."""
+    if not isinstance(band, (tuple, list)) or len(band) != 2:
+        raise TypeError(f"band must be a pair (lo, hi) of floats, got {band!r}")
+    for value in band:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"band must hold two floats, got {type(value).__name__} in {band!r}")
+    lo, hi = float(band[0]), float(band[1])
+    if not (0.0 <= lo < hi <= 1.0):
+        raise ValueError(f"band must satisfy 0 <= lo < hi <= 1, got ({lo}, {hi})")
+    return lo, hi
+
+
+def check_no_nan(name: str, values: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """No NaN where ``mask`` is True (everywhere when None).
+
+    Reads the values (one host sync on a GPU); skipped while ``torch.compile`` traces.
+    """
+    if values.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = torch.isnan(values)
+    if mask is not None:
+        bad &= mask
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"{name} must not be NaN at valid positions, got NaN at index {where} "
+            f"(and {int(bad.sum()) - 1} more); mask out such tokens with mask=..."
+        )
+
+
+def check_cu_seqlens(cu_seqlens: object, numel: int, reference: torch.Tensor, ref_name: str):
+    """Packed-layout offsets: int32/int64 ``[S + 1]``, starting at 0, non-decreasing, ending
+    at ``numel`` (the token count of ``ref_name``).
+
+    The value checks read the offsets (one host sync on a GPU) and are skipped while
+    ``torch.compile`` traces.
+    """
+    cu_seqlens = check_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype not in INDEX_DTYPES:
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with at least one offset, got shape {tuple(cu_seqlens.shape)}"
+        )
+    check_same_device("cu_seqlens", cu_seqlens, reference, ref_name)
+    if torch.compiler.is_compiling():
+        return cu_seqlens
+    bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != numel) | (cu_seqlens.diff() < 0).any()
+    if bool(bad):
+        offsets = cu_seqlens.tolist()
+        shown = offsets if len(offsets) <= 8 else [*offsets[:4], "...", *offsets[-3:]]
+        raise ValueError(
+            f"cu_seqlens must start at 0, be non-decreasing and end at {numel} (the number of "
+            f"tokens of {ref_name}), got {shown}"
+        )
+    return cu_seqlens

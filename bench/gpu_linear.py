@@ -1,0 +1,329 @@
+"""Linear entropy checks for the single GPU check script: correctness and timings.
+
+``correctness(device)`` compares every implementation (fused Triton kernels, chunked Triton
+variant, frozen-lm_head fast path, recompute path, PyTorch path) with float64 truth on the
+same device and applies the accuracy rule: ours may be no less accurate than naive PyTorch in
+the same dtype, plus a small per-dtype allowance. ``timings(device)`` times ours vs naive vs
+chunked PyTorch (and installed peers on CUDA) with peak extra memory. Both run on a CPU too,
+with tiny shapes (the Triton variants only under ``TRITON_INTERPRET=1``).
+
+    python bench/gpu_linear.py cuda
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+from saei_fast.memory import peak_memory_of
+from saei_fast.ops.dispatch import triton_available, triton_interpreting
+from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
+from saei_fast.reference import (
+    chunked_linear_entropy,
+    linear_logprobs_and_entropy_reference,
+    naive_linear_entropy,
+    naive_linear_logprobs_and_entropy,
+)
+
+# Allowed excess over naive PyTorch's own error in the same dtype (values in nats; gradients
+# relative to the largest true gradient entry).
+EXTRA_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+# name: internal options of linear_logprobs_and_entropy_impl
+VARIANTS = {
+    "triton-fused": dict(impl="triton"),
+    "triton-chunked": dict(impl="triton", fused=False),
+    "triton-recompute": dict(impl="triton", input_grad_in_forward=False),
+    "torch": dict(impl="torch"),
+}
+
+
+def _variants(device: torch.device) -> dict:
+    triton_ok = triton_available() and (device.type == "cuda" or triton_interpreting())
+    return {k: v for k, v in VARIANTS.items() if triton_ok or v["impl"] == "torch"}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _inputs(n, d, v, dtype, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, d, device=device, generator=gen)
+    weight = torch.randn(v, d, device=device, generator=gen) * (3.0 / math.sqrt(d))
+    bias = torch.randn(v, device=device, generator=gen) * 0.5
+    labels = torch.randint(0, v, (n,), device=device, generator=gen)
+    mask = torch.rand(n, device=device, generator=gen) > 0.2
+    return hidden.to(dtype), weight.to(dtype), bias.to(dtype), labels, mask
+
+
+def _max_err(ours: torch.Tensor, truth: torch.Tensor) -> float:
+    return (ours.double() - truth.double()).abs().max().item() if truth.numel() else 0.0
+
+
+def _values_and_grads(fn, hidden, weight, bias, g_entropy, g_logprobs):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    logp, ent = fn(*leaves)
+    (g_entropy * ent.double() + g_logprobs * logp.double()).sum().backward()
+    return [logp.detach(), ent.detach()] + [leaf.grad for leaf in leaves]
+
+
+def _labels_case(device, dtype, n, d, v, variant, options) -> list[dict]:
+    hidden, weight, bias, labels, mask = _inputs(n, d, v, dtype, device, seed=v + n)
+    gen = torch.Generator(device=device).manual_seed(1)
+    g_entropy = torch.randn(n, device=device, generator=gen, dtype=torch.float64)
+    g_logprobs = torch.randn(n, device=device, generator=gen, dtype=torch.float64)
+    ours = _values_and_grads(
+        lambda h, w, b: linear_logprobs_and_entropy_impl(
+            h, w, labels, bias=b, temperature=0.8, mask=mask, **options
+        ),
+        hidden, weight, bias, g_entropy, g_logprobs,
+    )  # fmt: skip
+    truth = _values_and_grads(
+        lambda h, w, b: linear_logprobs_and_entropy_reference(
+            h, w, labels, bias=b, temperature=0.8, mask=mask
+        ),
+        hidden.double(), weight.double(), bias.double(), g_entropy, g_logprobs,
+    )  # fmt: skip
+
+    def naive_fn(h, w, b):
+        logp, ent = naive_linear_logprobs_and_entropy(h, w, labels, bias=b, temperature=0.8)
+        zero = torch.zeros((), dtype=ent.dtype, device=device)
+        return torch.where(mask, logp, zero), torch.where(mask, ent, zero)
+
+    naive = _values_and_grads(naive_fn, hidden, weight, bias, g_entropy, g_logprobs)
+    rows = []
+    names = ("logprobs", "entropy", "grad_hidden", "grad_weight", "grad_bias")
+    for name, o, t, nv in zip(names, ours, truth, naive, strict=True):
+        scale = 1.0 if name in ("logprobs", "entropy") else max(t.abs().max().item(), 1e-30)
+        err, naive_err = _max_err(o, t) / scale, _max_err(nv, t) / scale
+        rows.append(
+            {
+                "op": "linear_logprobs_and_entropy",
+                "case": f"{variant} {str(dtype)[6:]} {n}x{d}x{v} {name}",
+                "max_err": err,
+                "naive_err": naive_err,
+                "ok": bool(err <= naive_err + EXTRA_TOL[dtype]),
+            }
+        )
+    return rows
+
+
+def _frozen_head_case(device, dtype, n, d, v, variant, options) -> list[dict]:
+    """The attack's case: entropy only, frozen lm_head, gradient w.r.t. hidden only (taken in
+    the forward by default, recomputed by the ``-recompute`` variant)."""
+    hidden, weight, bias, _, mask = _inputs(n, d, v, dtype, device, seed=v + n + 1)
+    g_entropy = torch.randn(n, device=device, dtype=torch.float64)
+
+    def run(fn, h):
+        leaf = h.detach().clone().requires_grad_(True)
+        ent = fn(leaf)
+        (g_entropy * ent.double()).sum().backward()
+        return ent.detach(), leaf.grad
+
+    ours = run(
+        lambda h: linear_logprobs_and_entropy_impl(
+            h, weight, None, bias=bias, temperature=1.3, mask=mask, **options
+        )[1],
+        hidden,
+    )
+    truth = run(
+        lambda h: linear_logprobs_and_entropy_reference(
+            h, weight.double(), torch.zeros_like(mask, dtype=torch.long), bias=bias.double(),
+            temperature=1.3, mask=mask,
+        )[1],
+        hidden.double(),
+    )  # fmt: skip
+
+    def naive_fn(h):
+        ent = naive_linear_entropy(h, weight, bias=bias, temperature=1.3)
+        return torch.where(mask, ent, torch.zeros((), dtype=ent.dtype, device=device))
+
+    naive = run(naive_fn, hidden)
+    rows = []
+    for name, o, t, nv in zip(("entropy", "grad_hidden"), ours, truth, naive, strict=True):
+        scale = 1.0 if name == "entropy" else max(t.abs().max().item(), 1e-30)
+        err, naive_err = _max_err(o, t) / scale, _max_err(nv, t) / scale
+        rows.append(
+            {
+                "op": "linear_entropy (frozen lm_head)",
+                "case": f"{variant} {str(dtype)[6:]} {n}x{d}x{v} {name}",
+                "max_err": err,
+                "naive_err": naive_err,
+                "ok": bool(err <= naive_err + EXTRA_TOL[dtype]),
+            }
+        )
+    return rows
+
+
+def _special_rows_case(device, dtype, v, variant, options) -> dict:
+    """Peaked and all-negative logits (weight = identity, so logits = hidden): the last
+    vocabulary tile's padding columns must not add exp(0)."""
+    gen = torch.Generator().manual_seed(v)
+    rows = torch.randn(5, v, generator=gen, dtype=torch.float64)
+    rows[0] = -30.0
+    rows[0, v // 2] = 30.0
+    rows[1] = -1000.0 - rows[1].abs()
+    rows[2] = -40.0 + rows[2]
+    rows[3] = 0.0
+    rows[4] = 1000.0 + rows[4]
+    hidden = rows.to(device, dtype)
+    weight = torch.eye(v, device=device, dtype=dtype)
+    labels = torch.arange(5, device=device) % v
+    logp, ent = linear_logprobs_and_entropy_impl(hidden, weight, labels, **options)
+    true_logp, true_ent = linear_logprobs_and_entropy_reference(hidden, weight, labels)
+    err = max(_max_err(ent, true_ent), _max_err(logp, true_logp))
+    return {
+        "op": "linear_logprobs_and_entropy",
+        "case": f"{variant} {str(dtype)[6:]} peaked/all-negative V={v}",
+        "max_err": err,
+        "ok": bool(err <= 1e-4),
+    }
+
+
+def correctness(device: str) -> list[dict]:
+    """One row per (implementation, dtype, shape, quantity): ``op, case, max_err, ok``."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        # Real vocabularies, D a multiple and a non-multiple of the D tile, N not a multiple
+        # of the row tile; V = 2053 is prime.
+        shapes = [(1000, 1024, 151936), (333, 3584, 152064), (77, 1000, 2053)]
+        dtypes = [torch.bfloat16, torch.float16, torch.float32]
+        special_vs = [2053, 130]
+    else:
+        shapes, dtypes, special_vs = [(9, 40, 130)], [torch.float32], [37]
+    results = []
+    for variant, options in _variants(dev).items():
+        for dtype in dtypes:
+            for n, d, v in shapes:
+                results += _labels_case(dev, dtype, n, d, v, variant, options)
+                results += _frozen_head_case(dev, dtype, n, d, v, variant, options)
+        for v in special_vs:
+            results.append(_special_rows_case(dev, torch.float32, v, variant, options))
+    return results
+
+
+# -------------------------------------------------------------------------------------------
+# Timings
+# -------------------------------------------------------------------------------------------
+
+
+def _providers(device: torch.device) -> dict:
+    """name: (fn(hidden, weight, labels) -> scalar, recomputes logits in backward)."""
+
+    def ours(**options):
+        return lambda h, w, y: linear_logprobs_and_entropy_impl(h, w, None, **options)[1].sum()
+
+    providers = {
+        "ours": (ours(), False),
+        "naive": (lambda h, w, y: naive_linear_entropy(h, w).float().sum(), False),
+        "chunked": (lambda h, w, y: chunked_linear_entropy(h, w).sum(), True),
+    }
+    if device.type == "cuda":
+        providers["ours-chunked"] = (ours(fused=False), False)
+        providers["ours-recompute"] = (ours(input_grad_in_forward=False), True)
+        if importlib.util.find_spec("liger_kernel") is not None:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            providers["liger-flce-loss"] = (
+                lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y, reduction="sum"),
+                False,
+            )
+        if importlib.util.find_spec("cut_cross_entropy") is not None:
+            from cut_cross_entropy import linear_cross_entropy
+
+            providers["cce-loss"] = (
+                lambda h, w, y: linear_cross_entropy(h, w, y, reduction="sum"),
+                True,
+            )
+    return providers
+
+
+def _call(fn, mode: str, hidden, weight, labels):
+    """One timed call: forward without grad, or forward + backward to ``hidden`` only."""
+    if mode == "forward":
+
+        def call():
+            with torch.no_grad():
+                fn(hidden, weight, labels)
+
+        return call
+    leaf = hidden.detach().requires_grad_(True)
+
+    def call():
+        leaf.grad = None
+        fn(leaf, weight, labels).backward()
+
+    return call
+
+
+def _median_ms(call, device: torch.device, repeats: int) -> float:
+    call()  # warm-up (and Triton compilation)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def timings(device: str) -> list[dict]:
+    """One row per (shape, mode, provider): ``op, provider, shape, ms, tflops, peak_mem``.
+
+    ``tflops`` is on the nominal work (2NDV forward, 4NDV forward + backward to hidden with a
+    frozen lm_head); ``executed_tflops`` adds 2NDV for providers that recompute the logits.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        shapes, dtype, repeats = [(8192, 2048, 151936), (8192, 3584, 152064)], torch.bfloat16, 10
+    else:
+        shapes, dtype, repeats = [(64, 64, 4096)], torch.float32, 3
+    results = []
+    for n, d, v in shapes:
+        hidden, weight, _, labels, _ = _inputs(n, d, v, dtype, dev)
+        for name, (fn, recomputes) in _providers(dev).items():
+            for mode in ("forward", "forward+backward"):
+                call = _call(fn, mode, hidden, weight, labels)
+                flops = (2 if mode == "forward" else 4) * n * d * v
+                executed = flops + (2 * n * d * v if recomputes and mode != "forward" else 0)
+                try:
+                    ms = _median_ms(call, dev, repeats)
+                    peak = peak_memory_of(call, dev)
+                except torch.OutOfMemoryError:
+                    results.append(
+                        {"op": f"linear_entropy {mode}", "provider": name, "shape": [n, d, v],
+                         "ms": None, "error": "out of memory"}
+                    )  # fmt: skip
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                results.append(
+                    {
+                        "op": f"linear_entropy {mode}",
+                        "provider": name,
+                        "shape": [n, d, v],
+                        "dtype": str(dtype),
+                        "ms": round(ms, 3),
+                        "tflops": round(flops / ms / 1e9, 2),
+                        "executed_tflops": round(executed / ms / 1e9, 2),
+                        "peak_mem": peak,
+                    }
+                )
+    return results
+
+
+if __name__ == "__main__":
+    target = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = correctness(target)
+    print(json.dumps(rows, indent=1))
+    print(json.dumps(timings(target), indent=1))
+    sys.exit(0 if all(row["ok"] for row in rows) else 1)
