@@ -1,0 +1,449 @@
+"""SaEI as a drop-in for TRL's ``GRPOTrainer``: :class:`SaEIConfig` and :class:`SaEIGRPOTrainer`.
+
+    from saei_fast.integrations.trl import SaEIConfig, SaEIGRPOTrainer
+
+    args = SaEIConfig(output_dir="out", num_generations=12, saei_n_clean=6, saei_n_adv=6)
+    trainer = SaEIGRPOTrainer(model=model, processing_class=processor, reward_funcs=reward,
+                              args=args, train_dataset=dataset)   # rows with an "image" column
+    trainer.train()
+
+With ``saei_enabled=False`` the same script trains vanilla GRPO. With SaEI on, every group of
+``num_generations`` rows of a training batch is sampled as SaEI prescribes:
+
+1. rows ``0 .. n_clean - 1`` of the group from the clean image;
+2. :func:`saei_fast.entropy_attack` on those responses (band-selected entropy, one signed
+   step on the image, shared by the group);
+3. rows ``n_clean ..`` from the adversarial image.
+
+Everything after generation is TRL's own: rewards, GRPO advantages over the whole group,
+and the old / reference / policy log-probs, which TRL computes from the dataset's (clean)
+images for every row. Only the generation hook (``_generate_single_turn``) is replaced, and
+two others are extended: reward logging (clean vs adversarial rows) and the vLLM
+importance-sampling ratio, which must not treat the adversarial rows as engine mismatch
+(see :meth:`SaEIGRPOTrainer._generate_and_score_completions`).
+
+Evaluation generates from clean images only. Supported: TRL 1.16.x with Hugging Face
+``generate``, or with vLLM in colocate or server mode: the clean rows and the adversarial
+rows are generated in two calls of ``n_clean`` and ``n_adv`` identical rows per prompt, so
+the server's deduplication (one image per run of ``num_generations`` rows) sees the right
+image for each. The vLLM path is tested against a stand-in backend with the server's
+contract (vLLM itself is not part of the test environment). Tools, environments, a custom
+``rollout_func`` and continuous batching are refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import trl
+from packaging.version import Version
+from transformers import ProcessorMixin
+from trl import GRPOConfig, GRPOTrainer
+from trl.models import unwrap_model_for_generation
+
+from saei_fast import pixels
+from saei_fast.attack import SCOPES, AttackConfig, entropy_attack
+from saei_fast.integrations._rows import RowImage, merge_rows, model_batch, split_rows
+from saei_fast.ops._checks import (
+    check_band,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+)
+from saei_fast.rollout import saei_rollout
+
+# The TRL versions this module is tested against; the hooks it overrides are private to TRL.
+SUPPORTED_TRL = (Version("1.16"), Version("1.17"))  # [lo, hi)
+
+if not SUPPORTED_TRL[0] <= Version(trl.__version__) < SUPPORTED_TRL[1]:
+    warnings.warn(
+        f"saei_fast.integrations.trl is tested with trl >= {SUPPORTED_TRL[0]}, < "
+        f"{SUPPORTED_TRL[1]}; found trl {trl.__version__}. The GRPOTrainer hooks it overrides "
+        "may have changed.",
+        stacklevel=2,
+    )
+
+
+@dataclass
+class SaEIConfig(GRPOConfig):
+    """A ``GRPOConfig`` with the SaEI sampling settings (``saei_*``), validated on construction.
+
+    ``saei_n_clean + saei_n_adv`` must equal ``num_generations``: a GRPO group is the clean
+    and the adversarial responses to one prompt together. Left unset, they split
+    ``num_generations`` in halves (the paper: 6 + 6).
+    """
+
+    saei_enabled: bool = field(
+        default=True,
+        metadata={"help": "Sample with SaEI; False trains vanilla GRPO with the same settings."},
+    )
+    saei_n_clean: int | None = field(
+        default=None,
+        metadata={"help": "Responses per prompt from the clean image (default: half the group)."},
+    )
+    saei_n_adv: int | None = field(
+        default=None,
+        metadata={"help": "Responses per prompt from the adversarial image (default: the rest)."},
+    )
+    saei_alpha: float = field(
+        default=2 / 255,
+        metadata={"help": "Signed-gradient step in [0, 1] pixel units (paper: 2/255 or 3/255)."},
+    )
+    saei_steps: int = field(
+        default=1,
+        metadata={"help": "Attack steps; the paper uses 1 and warns that more collapse accuracy."},
+    )
+    saei_eps: float | None = field(
+        default=None,
+        metadata={"help": "Optional L-inf radius around the clean image, [0, 1] units."},
+    )
+    saei_band: list[float] = field(
+        default_factory=lambda: [1 / 3, 2 / 3],
+        metadata={"help": "Rank fractions (lo, hi) of the selected entropy band."},
+    )
+    saei_scope: str = field(
+        default="group",
+        metadata={"help": "Where entropy ranks are taken: 'sequence', 'group' or 'batch'."},
+    )
+    saei_micro_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per attack forward/backward pass (None: all clean rows at once)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.saei_enabled, bool):
+            raise TypeError(f"saei_enabled must be a bool, got {type(self.saei_enabled).__name__}")
+        self.saei_n_clean, self.saei_n_adv = _group_split(
+            self.num_generations, self.saei_n_clean, self.saei_n_adv
+        )
+        self.saei_alpha = check_positive_float("saei_alpha", self.saei_alpha)
+        self.saei_steps = check_positive_int("saei_steps", self.saei_steps)
+        if self.saei_eps is not None:
+            self.saei_eps = check_positive_float("saei_eps", self.saei_eps)
+        try:
+            self.saei_band = list(check_band(self.saei_band))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"saei_{error}") from None
+        check_choice("saei_scope", self.saei_scope, SCOPES)
+        if self.saei_micro_batch_size is not None:
+            check_positive_int("saei_micro_batch_size", self.saei_micro_batch_size)
+        if self.saei_enabled:
+            check_whole_groups_per_process(
+                self.per_device_train_batch_size, self.steps_per_generation, self.num_generations
+            )
+            if self.use_transformers_continuous_batching:
+                raise ValueError(
+                    "saei_enabled=True does not support use_transformers_continuous_batching=True: "
+                    "continuous batching generates from token ids only, without the images"
+                )
+
+    def attack_config(self) -> AttackConfig:
+        """The :class:`saei_fast.AttackConfig` of these settings (entropies at the sampling
+        temperature, one adversarial image per group of ``saei_n_clean`` clean rows)."""
+        return AttackConfig(
+            alpha=self.saei_alpha,
+            steps=self.saei_steps,
+            eps=self.saei_eps,
+            band=tuple(self.saei_band),
+            scope=self.saei_scope,
+            group_size=self.saei_n_clean,
+            temperature=self.temperature,
+            micro_batch_size=self.saei_micro_batch_size,
+            measure_after=True,
+        )
+
+
+def _group_split(num_generations: int, n_clean: object, n_adv: object) -> tuple[int, int]:
+    """``(n_clean, n_adv)``, filling unset ones and checking that they sum to the group."""
+    if n_clean is None and n_adv is None:
+        n_clean = num_generations // 2
+    if n_clean is None:
+        n_clean = num_generations - check_positive_int("saei_n_adv", n_adv)
+    if n_adv is None:
+        n_adv = num_generations - check_positive_int("saei_n_clean", n_clean)
+    n_clean = check_positive_int("saei_n_clean", n_clean)
+    n_adv = check_positive_int("saei_n_adv", n_adv)
+    if n_clean + n_adv != num_generations:
+        raise ValueError(
+            f"saei_n_clean + saei_n_adv must equal num_generations ({num_generations}): one GRPO "
+            f"group holds the clean and the adversarial responses; got {n_clean} + {n_adv}"
+        )
+    return n_clean, n_adv
+
+
+def check_whole_groups_per_process(
+    per_device_train_batch_size: int, steps_per_generation: int, num_generations: int
+) -> None:
+    """Every process must generate whole groups: the attack needs all clean responses to a
+    prompt, and the adversarial rows need their group's image, on one process."""
+    local_rows = per_device_train_batch_size * steps_per_generation
+    if local_rows % num_generations:
+        raise ValueError(
+            f"SaEI needs whole groups on every process: per_device_train_batch_size "
+            f"({per_device_train_batch_size}) * steps_per_generation ({steps_per_generation}) "
+            f"= {local_rows} rows must be a multiple of num_generations ({num_generations})"
+        )
+
+
+@dataclass
+class _Completion:
+    ids: list[int]
+    logprobs: list[float] | None
+
+
+class SaEIGRPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` sampling with SaEI (see the module docstring).
+
+    Takes ``GRPOTrainer``'s arguments; ``args`` must be a :class:`SaEIConfig`. Logs, per
+    training step (names under ``saei/``): the band objective before and after the attack
+    (``entropy_before``, ``entropy_after``), the selected tokens, attack time and extra peak
+    memory, and the mean reward of the clean and of the adversarial rows. TRL's own
+    ``entropy`` is the mean policy entropy of the loss forward (clean images).
+
+    Raises:
+        TypeError / ValueError: at construction, for settings SaEI cannot sample with
+            (non-SaEIConfig args, text-only processing class, tools, environments, a custom
+            ``rollout_func``, a processor without a pixel space).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        bound = inspect.signature(GRPOTrainer.__init__).bind(self, *args, **kwargs).arguments
+        config = bound.get("args")
+        if not isinstance(config, SaEIConfig):
+            raise TypeError(
+                f"args must be a saei_fast.integrations.trl.SaEIConfig, got {type(config).__name__}"
+            )
+        if config.saei_enabled:
+            for name in ("tools", "rollout_func", "environment_factory"):
+                if bound.get(name):
+                    raise ValueError(
+                        f"saei_enabled=True does not support {name}: SaEI samples single-turn "
+                        "responses to one image per prompt"
+                    )
+        super().__init__(*args, **kwargs)
+        self._saei_space = None
+        if config.saei_enabled:
+            if not isinstance(self.processing_class, ProcessorMixin):
+                raise ValueError(
+                    "saei_enabled=True needs a vision-language model and its processor as "
+                    f"processing_class (SaEI attacks images), got "
+                    f"{type(self.processing_class).__name__}"
+                )
+            # Raises a clear error for processors without mean/std or 8-bit rescaling.
+            self._saei_space = pixels.from_processor(self.processing_class)
+        self._saei_attack_config = config.attack_config()
+        self._saei_last_adversarial = None  # is_adversarial of the latest SaEI generation
+
+    # ---- when SaEI samples ---------------------------------------------------------------
+
+    def _saei_sampling(self) -> bool:
+        return self.args.saei_enabled and self.model.training
+
+    # ---- generation ----------------------------------------------------------------------
+
+    def _generate_single_turn(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):
+        self._saei_last_adversarial = None
+        if not self._saei_sampling():
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        if images is None or any(not row for row in images):
+            raise ValueError(
+                "saei_enabled=True needs at least one image in every prompt (an 'image' or "
+                "'images' column in the dataset)"
+            )
+        num_rows = len(prompt_ids)
+        if num_rows % num_generations:
+            raise ValueError(
+                f"SaEI got {num_rows} rows to generate, not a multiple of num_generations "
+                f"({num_generations})"
+            )
+        row_fields = split_rows(multimodal_fields, images, num_rows)
+        clean = [
+            RowImage(pil=list(images[row]), fields=row_fields[row])
+            for row in range(0, num_rows, num_generations)
+        ]
+        prompts = [list(prompt_ids[row]) for row in range(0, num_rows, num_generations)]
+        _check_groups(prompt_ids, row_fields, num_generations)
+
+        rollout = saei_rollout(
+            prompts,
+            clean,
+            n_clean=self.args.saei_n_clean,
+            n_adv=self.args.saei_n_adv,
+            generate=self._saei_generate,
+            attack=self._saei_attack,
+        )
+        self._saei_last_adversarial = rollout.is_adversarial
+        self._saei_log("attack_seconds", rollout.attack_seconds)
+        completion_ids = [completion.ids for completion in rollout.completions]
+        logprobs = [completion.logprobs for completion in rollout.completions]
+        return completion_ids, None if logprobs[0] is None else logprobs
+
+    def _saei_generate(
+        self, prompts: list, images: list[RowImage], copies: int
+    ) -> list[_Completion]:
+        """TRL's own single-turn generation for runs of ``copies`` identical rows."""
+        completion_ids, logprobs = super()._generate_single_turn(
+            prompts,
+            [image.pil for image in images],
+            merge_rows([image.fields for image in images]),
+            copies,
+        )
+        logprobs = logprobs or [None] * len(completion_ids)
+        return [
+            _Completion(list(ids), lps) for ids, lps in zip(completion_ids, logprobs, strict=True)
+        ]
+
+    def _saei_attack(
+        self,
+        prompts: list,
+        images: list[RowImage],
+        completions: list[_Completion],
+        group_size: int,
+    ) -> list[RowImage]:
+        """One adversarial image per group of ``group_size`` clean rows."""
+        device = self.accelerator.device
+        batch, completion_mask = model_batch(
+            prompts,
+            [completion.ids for completion in completions],
+            [image.fields for image in images],
+            pad_token_id=self._tokenizer.pad_token_id,
+            device=device,
+        )
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as model,
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            result = entropy_attack(
+                model,
+                batch,
+                completion_mask,
+                space=self._saei_space,
+                config=self._saei_attack_config,
+            )
+        self._saei_log("entropy_before", result.entropy_before)
+        self._saei_log("entropy_after", result.entropy_after)
+        self._saei_log("entropy_gain", result.entropy_after - result.entropy_before)
+        self._saei_log("selected_tokens", float(result.num_selected))
+        self._saei_log("attack_peak_memory_mb", result.peak_memory_bytes / 2**20)
+
+        # Rows of a group carry one adversarial image; take each group's first row.
+        adversarial_fields = split_rows(
+            {**merge_rows([image.fields for image in images]), "pixel_values": result.pixel_values},
+            [image.pil for image in images],
+            len(images),
+        )
+        pil_starts = [0]
+        for image in images:
+            pil_starts.append(pil_starts[-1] + len(image.pil))
+        return [
+            RowImage(
+                pil=result.images[pil_starts[row] : pil_starts[row + 1]],
+                fields={
+                    **images[row].fields,
+                    "pixel_values": adversarial_fields[row]["pixel_values"].detach(),
+                },
+            )
+            for row in range(0, len(images), group_size)
+        ]
+
+    # ---- after generation: importance sampling, rewards ----------------------------------
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL's scoring, then the explicit treatment of the adversarial rows' vLLM
+        importance-sampling correction.
+
+        The correction (``vllm_importance_sampling_correction``) reweights each token by
+        ``p_trainer / p_vllm`` to undo the numerical mismatch of the two engines. For an
+        adversarial row the trainer's log-prob is on the clean image (as the whole update
+        is) while vLLM sampled it from the adversarial one, so that ratio measures the
+        image change, and in ``*_mask`` modes would drop the row. SaEI trains on these rows
+        as samples for the clean-image policy (as the paper does), so their ratio is set to
+        1 and their sampling log-probs to the clean-image ones (which also keeps the
+        off-policy sequence mask from dropping them for the image change). What the ratio
+        would have been is logged: ``saei/adv_sampling_logp_shift`` (mean over tokens of
+        ``log p_sampling - log p_clean``) and ``saei/adv_is_dropped_fraction``.
+        """
+        output = super()._generate_and_score_completions(inputs)
+        adversarial = self._saei_last_adversarial
+        if adversarial is None or "importance_sampling_ratio" not in output:
+            return output
+        adversarial = adversarial.to(output["completion_mask"].device)
+        mask = output["completion_mask"].bool()
+        if "tool_mask" in output:
+            mask &= output["tool_mask"].bool()
+        adv_tokens = mask & adversarial[:, None]
+        sampling = output["sampling_per_token_logps"]
+        old = output["old_per_token_logps"]
+        shift = torch.nan_to_num(sampling - old, nan=0.0)[adv_tokens]
+        ratio = output["importance_sampling_ratio"]
+        dropped = (ratio == 0).expand_as(mask)[adv_tokens]
+        self._saei_log("adv_sampling_logp_shift", _mean(shift))
+        self._saei_log("adv_is_dropped_fraction", _mean(dropped.float()))
+
+        ratio = ratio.clone()
+        ratio[adversarial] = 1.0
+        output["importance_sampling_ratio"] = ratio
+        sampling = sampling.clone()
+        sampling[adversarial] = old[adversarial]
+        output["sampling_per_token_logps"] = sampling
+        return output
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(
+            inputs, prompts, completions, completion_ids_list
+        )
+        adversarial = self._saei_last_adversarial
+        if adversarial is None:
+            return rewards_per_func
+        # Rewards are gathered from every process; each holds whole groups, same layout.
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights).nansum(dim=1)
+        adversarial = adversarial.to(rewards.device).repeat(rewards.numel() // adversarial.numel())
+        self._metrics["train"]["saei/reward_clean"].append(rewards[~adversarial].mean().item())
+        self._metrics["train"]["saei/reward_adv"].append(rewards[adversarial].mean().item())
+        return rewards_per_func
+
+    def _saei_log(self, name: str, value: float) -> None:
+        """Mean over processes of a per-process value, into this step's logs."""
+        local = torch.tensor([float(value)], device=self.accelerator.device)
+        self._metrics["train"][f"saei/{name}"].append(self.accelerator.gather(local).mean().item())
+
+
+def _check_groups(prompt_ids, row_fields: list[dict], group_size: int) -> None:
+    """Rows of a group must share prompt and image: the sampler repeats each prompt
+    ``num_generations`` times contiguously, and SaEI relies on it."""
+    for first in range(0, len(prompt_ids), group_size):
+        for row in range(first + 1, first + group_size):
+            same_prompt = list(prompt_ids[row]) == list(prompt_ids[first])
+            same_image = all(
+                torch.equal(value, row_fields[first][key])
+                if torch.is_tensor(value)
+                else value == row_fields[first][key]
+                for key, value in row_fields[row].items()
+            )
+            if not (same_prompt and same_image):
+                raise ValueError(
+                    f"rows {first} and {row} are in one group of {group_size} but differ in "
+                    "prompt or image; SaEI needs each prompt repeated num_generations times in a "
+                    "row (TRL's RepeatSampler)"
+                )
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.mean()) if values.numel() else 0.0
+
+
+__all__ = ["SaEIConfig", "SaEIGRPOTrainer", "check_whole_groups_per_process"]

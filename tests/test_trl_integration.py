@@ -1,0 +1,541 @@
+"""SaEIGRPOTrainer: real TRL training steps on a tiny Qwen2.5-VL, with a record of what the
+model was given, plus the configuration checks.
+
+The layout checks (rows 0..n_clean-1 of every group generated from the clean image, the
+rest from the adversarial one; loss inputs clean; advantages over the whole group) compare
+what ``model.generate`` and the loss forward actually received against pixel values the
+processor computes independently from the dataset's images.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trl
+from packaging.version import Version
+from trl import GRPOConfig
+
+import saei_fast
+from saei_fast.demo.model import demo_model, demo_processor, vision_token_ids
+from saei_fast.demo.task import colour_examples, task_words, to_dataset
+from saei_fast.integrations.trl import (
+    SUPPORTED_TRL,
+    SaEIConfig,
+    SaEIGRPOTrainer,
+    check_whole_groups_per_process,
+)
+
+# transformers 5 deprecates TrainingArguments names that TRL 1.16 still sets.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*is deprecated and will be removed in v6:FutureWarning"
+)
+
+N_CLEAN, N_ADV = 2, 2
+GROUP = N_CLEAN + N_ADV
+ALPHA = 8 / 255
+PATCHES = 16  # a 56 x 56 image: 4 x 4 patches of 14 pixels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models gain nothing from intra-op threads, and on a shared CPU spinning
+    OpenMP threads slow them down several times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return demo_processor(task_words())
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return colour_examples(2, seed=3)
+
+
+def no_stop_tokens(model, processor) -> list[int]:
+    """Vision placeholders (never sampled) and every stop/special token, so that every
+    completion has exactly max_completion_length ordinary words: distinct enough across
+    rows to tell which generate call produced which row."""
+    tokenizer = processor.tokenizer
+    special = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens]
+    return sorted(set(vision_token_ids(model)) | set(special))
+
+
+def make_config(tmp_path, **overrides) -> SaEIConfig:
+    settings = dict(
+        output_dir=str(tmp_path),
+        num_generations=GROUP,
+        saei_n_clean=N_CLEAN,
+        saei_n_adv=N_ADV,
+        saei_alpha=ALPHA,
+        per_device_train_batch_size=2 * GROUP,
+        max_completion_length=4,
+        max_steps=2,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        loss_type="grpo",
+        beta=0.0,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    settings.update(overrides)
+    return SaEIConfig(**settings)
+
+
+class Rewards:
+    """A reward that varies across completions (sum of ids mod 5), recorded per call."""
+
+    __name__ = "id_sum_reward"
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def __call__(self, completion_ids, **_):
+        values = [float(sum(ids) % 5) / 4 for ids in completion_ids]
+        self.calls.append(values)
+        return values
+
+
+class ModelRecorder:
+    """Records every ``generate`` call (inputs and output) and the pixel values of every
+    forward pass with gradients outside generation (the policy-loss forwards)."""
+
+    def __init__(self, model) -> None:
+        self.generate_calls, self.loss_pixels = [], []
+        self._generating = False
+        original = model.generate
+
+        def generate(*args, **kwargs):
+            self._generating = True
+            try:
+                output = original(*args, **kwargs)
+            finally:
+                self._generating = False
+            self.generate_calls.append(
+                {
+                    "input_ids": kwargs["input_ids"].clone(),
+                    "pixel_values": kwargs["pixel_values"].clone(),
+                    "image_grid_thw": kwargs["image_grid_thw"].clone(),
+                    "completions": output[:, kwargs["input_ids"].shape[1] :].clone(),
+                }
+            )
+            return output
+
+        model.generate = generate  # this instance only
+        model.register_forward_pre_hook(self._forward, with_kwargs=True)
+
+    def _forward(self, _module, _args, kwargs):
+        if not self._generating and torch.is_grad_enabled() and "pixel_values" in kwargs:
+            self.loss_pixels.append(kwargs["pixel_values"].detach().clone())
+
+
+def capture_scored_batches(trainer) -> list[dict]:
+    """The output of every ``_generate_and_score_completions`` call (rows in generation
+    order, before TRL shuffles them)."""
+    outputs = []
+    original = trainer._generate_and_score_completions
+
+    def capture(inputs):
+        output = original(inputs)
+        outputs.append({k: v.clone() if torch.is_tensor(v) else v for k, v in output.items()})
+        return output
+
+    trainer._generate_and_score_completions = capture
+    return outputs
+
+
+def image_blocks(pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    return list(pixel_values.split(PATCHES))
+
+
+def index_of(block: torch.Tensor, candidates: list[torch.Tensor]) -> int:
+    matches = [i for i, c in enumerate(candidates) if torch.equal(block, c)]
+    assert len(matches) == 1, "a row's pixels are none (or several) of the expected images"
+    return matches[0]
+
+
+# ---- a real SaEI training run, recorded ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saei_run(processor, examples, tmp_path_factory):
+    model = demo_model(processor, hidden_size=32, seed=0)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    recorder = ModelRecorder(model)
+    rewards = Rewards()
+    config = make_config(
+        tmp_path_factory.mktemp("saei"),
+        generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
+    )
+    trainer = SaEIGRPOTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=config,
+        train_dataset=to_dataset(examples),
+        processing_class=processor,
+    )
+    scored = capture_scored_batches(trainer)
+    trainer.train()
+    clean = processor.image_processor([e.image for e in examples], return_tensors="pt")
+    return {
+        "trainer": trainer,
+        "recorder": recorder,
+        "rewards": rewards,
+        "scored": scored,
+        "initial": initial,
+        "clean_blocks": image_blocks(clean["pixel_values"]),
+        "grid": clean["image_grid_thw"][:1],
+    }
+
+
+def test_generation_clean_rows_from_clean_image_then_adversarial(saei_run, processor):
+    calls = saei_run["recorder"].generate_calls
+    clean_blocks = saei_run["clean_blocks"]
+    assert len(calls) == 4  # two steps, each: clean rows, then adversarial rows
+    space = saei_fast.pixels.from_processor(processor)
+    for clean_call, adv_call in (calls[0:2], calls[2:4]):
+        assert len(clean_call["input_ids"]) == 2 * N_CLEAN
+        assert len(adv_call["input_ids"]) == 2 * N_ADV
+        # Clean call: each group's rows carry exactly the processor's pixels of one image.
+        owners = [index_of(b, clean_blocks) for b in image_blocks(clean_call["pixel_values"])]
+        assert owners[:N_CLEAN] == [owners[0]] * N_CLEAN
+        assert owners[N_CLEAN:] == [1 - owners[0]] * N_CLEAN
+        # Adversarial call: one image per group, alpha away from that group's clean image.
+        adv_blocks = image_blocks(adv_call["pixel_values"])
+        for group in range(2):
+            rows = adv_blocks[group * N_ADV : (group + 1) * N_ADV]
+            assert all(torch.equal(rows[0], row) for row in rows)
+            grid = saei_run["grid"]
+            (adv,) = space.to_images(rows[0], image_grid_thw=grid)
+            (clean,) = space.to_images(clean_blocks[owners[group * N_CLEAN]], image_grid_thw=grid)
+            change = (adv - clean).abs()
+            assert change.max() <= ALPHA + 1e-5
+            assert (change > ALPHA / 2).float().mean() > 0.5  # most pixels took the step
+        # The prompts are the same in both calls (same question, same expanded image tokens).
+        assert torch.equal(clean_call["input_ids"][:1], adv_call["input_ids"][:1])
+
+
+def test_rows_are_clean_then_adversarial_within_each_group(saei_run):
+    calls = saei_run["recorder"].generate_calls
+    for step, batch in enumerate(saei_run["scored"]):
+        clean, adv = calls[2 * step]["completions"], calls[2 * step + 1]["completions"]
+        rows = batch["completion_ids"]
+        for group in range(2):
+            first = group * GROUP
+            for j in range(N_CLEAN):
+                assert torch.equal(rows[first + j], clean[group * N_CLEAN + j])
+            for j in range(N_ADV):
+                assert torch.equal(rows[first + N_CLEAN + j], adv[group * N_ADV + j])
+
+
+def test_loss_inputs_use_the_clean_image_for_every_row(saei_run):
+    clean_blocks = saei_run["clean_blocks"]
+    for batch in saei_run["scored"]:
+        owners = [index_of(b, clean_blocks) for b in image_blocks(batch["pixel_values"])]
+        # Every row of a group (clean and adversarial) carries its group's clean image.
+        assert owners == [owners[0]] * GROUP + [1 - owners[0]] * GROUP
+    # What the loss forwards actually received: clean images only, each row once per step.
+    loss_pixels = saei_run["recorder"].loss_pixels
+    assert len(loss_pixels) == 2
+    for pixels in loss_pixels:
+        owners = sorted(index_of(b, clean_blocks) for b in image_blocks(pixels))
+        assert owners == [0] * GROUP + [1] * GROUP
+
+
+def test_advantages_are_normalized_over_the_whole_group(saei_run):
+    for batch, rewards in zip(saei_run["scored"], saei_run["rewards"].calls, strict=True):
+        rewards = torch.tensor(rewards)
+        # TRL's group normalization adds 1e-4 to the std.
+        expected = saei_fast.group_advantages(rewards, GROUP, eps=1e-4)
+        torch.testing.assert_close(batch["advantages"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_logs_saei_metrics_and_updates_the_model(saei_run):
+    trainer = saei_run["trainer"]
+    logs = [entry for entry in trainer.state.log_history if "reward" in entry]
+    assert len(logs) == 2
+    for entry, rewards in zip(logs, saei_run["rewards"].calls, strict=True):
+        for key in ("saei/entropy_before", "saei/entropy_after", "saei/attack_seconds"):
+            assert math.isfinite(entry[key])
+        assert 0 < entry["saei/entropy_before"] <= math.log(len(trainer.processing_class.tokenizer))
+        assert entry["saei/selected_tokens"] >= 1
+        assert entry["entropy"] > 0  # mean policy entropy of the loss forward
+        is_adv = torch.tensor([False] * N_CLEAN + [True] * N_ADV).repeat(2)
+        rewards = torch.tensor(rewards)
+        assert entry["saei/reward_clean"] == pytest.approx(rewards[~is_adv].mean().item())
+        assert entry["saei/reward_adv"] == pytest.approx(rewards[is_adv].mean().item())
+    changed = [
+        not torch.equal(value, saei_run["initial"][key])
+        for key, value in trainer.model.state_dict().items()
+    ]
+    assert any(changed)
+
+
+def test_vanilla_switch_generates_every_row_from_the_clean_image(processor, examples, tmp_path):
+    model = demo_model(processor, hidden_size=32, seed=0)
+    recorder = ModelRecorder(model)
+    config = make_config(tmp_path, saei_enabled=False, max_steps=1)
+    trainer = SaEIGRPOTrainer(
+        model=model,
+        reward_funcs=Rewards(),
+        args=config,
+        train_dataset=to_dataset(examples),
+        processing_class=processor,
+    )
+    trainer.train()
+    (call,) = recorder.generate_calls
+    clean = processor.image_processor([e.image for e in examples], return_tensors="pt")
+    clean_blocks = image_blocks(clean["pixel_values"])
+    owners = [index_of(b, clean_blocks) for b in image_blocks(call["pixel_values"])]
+    assert sorted(owners) == [0] * GROUP + [1] * GROUP
+    assert not any(key.startswith("saei/") for key in trainer.state.log_history[0])
+
+
+# ---- vLLM importance-sampling correction -----------------------------------------------------
+
+
+class FakeVLLMServer:
+    """Stands in for TRL's ``VLLMGeneration`` in server mode (vLLM is not installed here),
+    with its contract: prompts and images arrive as runs of ``num_generations`` copies, and
+    like the server it keeps each run's first prompt and image and samples
+    ``num_generations`` completions for it. It returns the log-probs of the sampled tokens
+    under the image it was given, as vLLM does."""
+
+    def __init__(self, model, processor, max_tokens: int) -> None:
+        self.model, self.processor, self.max_tokens = model, processor, max_tokens
+        self.calls = []
+
+    def sync_weights(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts, images, num_generations, profiler=None):
+        self.calls.append({"prompts": prompts, "images": images, "n": num_generations})
+        prompts = [p for p in prompts[::num_generations] for _ in range(num_generations)]
+        images = [i for i in images[::num_generations] for _ in range(num_generations)]
+        flat = [image for row in images for image in row]
+        pixels = self.processor.image_processor(flat, return_tensors="pt")
+        input_ids = torch.tensor(prompts)  # one question: all prompts have the same length
+        mm_types = (input_ids == self.model.config.image_token_id).long()
+        inputs = dict(pixels, input_ids=input_ids, mm_token_type_ids=mm_types)
+        output = self.model.generate(
+            **inputs,
+            do_sample=True,
+            max_new_tokens=self.max_tokens,
+            suppress_tokens=no_stop_tokens(self.model, self.processor),
+        )
+        completions = output[:, input_ids.shape[1] :]
+        inputs["input_ids"] = output
+        inputs["mm_token_type_ids"] = torch.cat([mm_types, torch.zeros_like(completions)], 1)
+        logits = self.model(**inputs).logits[:, input_ids.shape[1] - 1 : -1].float()
+        logps = logits.log_softmax(-1).gather(-1, completions[..., None]).tolist()
+        self.calls[-1]["logps"] = logps
+        return prompts, completions.tolist(), logps, None
+
+
+def test_vllm_importance_sampling_keeps_adversarial_rows(processor, examples, tmp_path):
+    """TRL's sequence_mask correction would drop adversarial rows whose sampling image
+    differs from the clean one; SaEI gives them ratio 1 and says so in its logs."""
+    model = demo_model(processor, hidden_size=32, seed=0)
+    config = make_config(tmp_path, saei_alpha=64 / 255)
+    trainer = SaEIGRPOTrainer(
+        model=model,
+        reward_funcs=Rewards(),
+        args=config,
+        train_dataset=to_dataset(examples),
+        processing_class=processor,
+    )
+    fake = FakeVLLMServer(model, processor, max_tokens=4)
+    # The state TRL's __init__ sets for use_vllm=True, vllm_mode="server" (which needs vLLM).
+    trainer.use_vllm, trainer.vllm_mode, trainer.vllm_generation = True, "server", fake
+    trainer._last_loaded_step = trainer.state.global_step
+    trainer.vllm_importance_sampling_correction = True
+    trainer.vllm_importance_sampling_mode = "sequence_mask"
+    # Tight bounds: the clean rows (same model, same image) stay inside them.
+    trainer.vllm_importance_sampling_clip_min = 0.999
+    trainer.vllm_importance_sampling_clip_max = 1.001
+    trainer.model.train()
+    dataset = trainer.train_dataset
+    inputs = [dict(dataset[i]) for i in (0, 1) for _ in range(GROUP)]
+    output = trainer._generate_and_score_completions(inputs)
+
+    # What the backend was given: runs of identical rows, clean then adversarial images.
+    clean_call, adv_call = fake.calls
+    assert clean_call["n"] == N_CLEAN and adv_call["n"] == N_ADV
+    for call, n in ((clean_call, N_CLEAN), (adv_call, N_ADV)):
+        assert len(call["images"]) == 2 * n
+        for group in range(2):
+            run = call["images"][group * n : (group + 1) * n]
+            assert all(np.array_equal(np.asarray(run[0][0]), np.asarray(r[0])) for r in run)
+    for group, example in enumerate(examples):
+        clean = np.asarray(example.image, dtype=np.int16)
+        sent_clean = np.asarray(clean_call["images"][group * N_CLEAN][0], dtype=np.int16)
+        sent_adv = np.asarray(adv_call["images"][group * N_ADV][0], dtype=np.int16)
+        assert np.array_equal(sent_clean, clean)
+        assert 0 < np.abs(sent_adv - clean).max() <= 64 + 1
+
+    # The ratio TRL computed from the backend's log-probs and the clean-image ones.
+    completion_mask = output["completion_mask"].bool()
+    old = output["old_per_token_logps"]
+    clean_logps, adv_logps = (torch.tensor(call["logps"])[..., 0] for call in fake.calls)
+    sampled = torch.cat(
+        [
+            torch.cat(
+                [
+                    clean_logps[g * N_CLEAN : (g + 1) * N_CLEAN],
+                    adv_logps[g * N_ADV : (g + 1) * N_ADV],
+                ]
+            )
+            for g in range(2)
+        ]
+    )
+    trl_ratio = torch.exp(((old - sampled) * completion_mask).sum(-1, keepdim=True))
+    trl_ratio = trl_ratio.masked_fill((trl_ratio < 0.999) | (trl_ratio > 1.001), 0.0)
+    is_adv = torch.tensor([False] * N_CLEAN + [True] * N_ADV).repeat(2)
+
+    ratio = output["importance_sampling_ratio"]
+    assert torch.equal(ratio[is_adv], torch.ones_like(ratio[is_adv]))
+    torch.testing.assert_close(ratio[~is_adv], trl_ratio[~is_adv])
+    assert (ratio[~is_adv] > 0).all()  # clean rows: same image, ratio ~1, kept
+    assert (trl_ratio[is_adv] == 0).any()  # what TRL alone would have done to them
+    torch.testing.assert_close(output["sampling_per_token_logps"][is_adv], old[is_adv])
+    torch.testing.assert_close(output["sampling_per_token_logps"][~is_adv], sampled[~is_adv])
+
+    logged = trainer._metrics["train"]
+    dropped = (trl_ratio[is_adv] == 0).float().mean().item()
+    assert logged["saei/adv_is_dropped_fraction"][-1] == pytest.approx(dropped)
+    shift = (sampled - old)[is_adv][completion_mask[is_adv]].mean().item()
+    assert logged["saei/adv_sampling_logp_shift"][-1] == pytest.approx(shift, abs=1e-6)
+
+
+# ---- configuration checks ---------------------------------------------------------------------
+
+
+def test_group_split_defaults_and_errors(tmp_path):
+    config = make_config(tmp_path, num_generations=8, saei_n_clean=None, saei_n_adv=None)
+    assert (config.saei_n_clean, config.saei_n_adv) == (4, 4)
+    config = make_config(tmp_path, num_generations=8, saei_n_clean=6, saei_n_adv=None)
+    assert (config.saei_n_clean, config.saei_n_adv) == (6, 2)
+    with pytest.raises(ValueError, match=r"saei_n_clean \+ saei_n_adv must equal num_generations"):
+        make_config(tmp_path, num_generations=4, saei_n_clean=2, saei_n_adv=1)
+    with pytest.raises(ValueError, match="saei_n_adv must be >= 1, got 0"):
+        make_config(tmp_path, num_generations=4, saei_n_clean=4, saei_n_adv=None)
+    with pytest.raises(ValueError, match="saei_n_clean must be >= 1, got 0"):
+        make_config(tmp_path, saei_n_clean=0, saei_n_adv=4)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ({"saei_alpha": 0.0}, ValueError, "saei_alpha must be finite and > 0, got 0.0"),
+        ({"saei_alpha": "2/255"}, TypeError, "saei_alpha must be a float, got str"),
+        ({"saei_steps": 0}, ValueError, "saei_steps must be >= 1, got 0"),
+        ({"saei_eps": -0.1}, ValueError, "saei_eps must be finite and > 0"),
+        ({"saei_band": [0.6, 0.3]}, ValueError, "saei_band must satisfy 0 <= lo < hi <= 1"),
+        ({"saei_band": [0.5]}, TypeError, "saei_band must be a pair"),
+        ({"saei_scope": "token"}, ValueError, "saei_scope must be one of"),
+        ({"saei_micro_batch_size": 0}, ValueError, "saei_micro_batch_size must be >= 1"),
+        ({"saei_enabled": "yes"}, TypeError, "saei_enabled must be a bool, got str"),
+        (
+            {"use_transformers_continuous_batching": True},
+            ValueError,
+            "does not support use_transformers_continuous_batching",
+        ),
+    ],
+)
+def test_config_rejects_bad_saei_settings(tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
+        make_config(tmp_path, **overrides)
+
+
+def test_config_builds_the_attack_config(tmp_path):
+    config = make_config(tmp_path, saei_band=[0.25, 0.75], saei_steps=2, saei_eps=4 / 255)
+    attack = config.attack_config()
+    assert attack.band == (0.25, 0.75) and attack.steps == 2 and attack.eps == 4 / 255
+    assert attack.group_size == N_CLEAN and attack.alpha == ALPHA and attack.measure_after
+    assert attack.temperature == config.temperature
+
+
+def test_groups_must_not_be_split_across_processes():
+    check_whole_groups_per_process(8, 1, 8)
+    check_whole_groups_per_process(4, 2, 8)
+    # With 2 processes, TRL accepts a global generation batch of 8 for groups of 8, but
+    # each process would hold half a group.
+    with pytest.raises(ValueError, match=r"4 rows must be a multiple of num_generations \(8\)"):
+        check_whole_groups_per_process(4, 1, 8)
+
+
+def test_trainer_rejects_what_saei_cannot_sample_with(processor, examples, tmp_path):
+    model = demo_model(processor, hidden_size=32, seed=0)
+    dataset = to_dataset(examples)
+    plain = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    with pytest.raises(TypeError, match=r"args must be a saei_fast\.integrations\.trl\.SaEIConfig"):
+        SaEIGRPOTrainer(model=model, reward_funcs=Rewards(), args=plain, train_dataset=dataset)
+    config = make_config(tmp_path)
+    with pytest.raises(ValueError, match="does not support rollout_func"):
+        SaEIGRPOTrainer(
+            model=model,
+            reward_funcs=Rewards(),
+            args=config,
+            train_dataset=dataset,
+            processing_class=processor,
+            rollout_func=lambda prompts, trainer: {},
+        )
+    with pytest.raises(ValueError, match="needs a vision-language model and its processor"):
+        SaEIGRPOTrainer(
+            model=model,
+            reward_funcs=Rewards(),
+            args=config,
+            train_dataset=dataset,
+            processing_class=processor.tokenizer,
+        )
+
+
+def test_installed_trl_is_the_supported_and_pinned_one():
+    assert SUPPORTED_TRL[0] <= Version(trl.__version__) < SUPPORTED_TRL[1]
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pins = [r for r in pyproject["project"]["optional-dependencies"]["trl"] if r.startswith("trl")]
+    assert pins == [f"trl>={SUPPORTED_TRL[0]},<{SUPPORTED_TRL[1]}"]
+
+
+# ---- per-row views of processor outputs -------------------------------------------------------
+
+
+def test_split_and_merge_rows_of_per_image_and_per_token_fields():
+    from saei_fast.integrations._rows import merge_rows, model_batch, split_rows
+
+    pixels = torch.arange(3 * 2).reshape(3, 2).float()  # one entry per image (plain layout)
+    fields = {"pixel_values": pixels, "token_type_ids": [[0, 1], [1, 1, 0]]}
+    rows = split_rows(fields, [["a"], ["b", "c"]], 2)  # row 1 owns two images
+    assert torch.equal(rows[0]["pixel_values"], pixels[:1])
+    assert torch.equal(rows[1]["pixel_values"], pixels[1:])
+    assert rows[1]["token_type_ids"] == [1, 1, 0]
+    merged = merge_rows([rows[1], rows[0]])
+    assert torch.equal(merged["pixel_values"], pixels[[1, 2, 0]])
+    assert merged["token_type_ids"] == [[1, 1, 0], [0, 1]]
+
+    batch, completion = model_batch(
+        [[5, 6], [7, 8, 9]], [[1], [2, 3]], rows, pad_token_id=0, device=torch.device("cpu")
+    )
+    assert batch["input_ids"].tolist() == [[0, 5, 6, 1, 0], [7, 8, 9, 2, 3]]
+    assert batch["attention_mask"].tolist() == [[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert completion.int().tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+
+    with pytest.raises(ValueError, match=r"multimodal field 'image_sizes' of shape \(5, 2\)"):
+        split_rows({"image_sizes": torch.zeros(5, 2)}, [["a"], ["b", "c"]], 2)
