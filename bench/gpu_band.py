@@ -1,7 +1,8 @@
 """Band selection on a device: exactness against the reference, host syncs and timings.
 
 For the GPU check script (``correctness(device)`` and ``timings(device)`` return lists of
-dicts) and shared with ``test_bench_band.py``. It also runs on a CPU with tiny shapes:
+dicts); inputs and providers are the benchmark registry's
+(``saei_fast.benchmarks.band_cases``). It also runs on a CPU with tiny shapes:
 ``python bench/gpu_band.py cpu`` (Triton cases then need ``TRITON_INTERPRET=1``).
 
 Providers, each ``fn(entropy [B, T], mask [B, T]) -> bool [B, T]``:
@@ -21,86 +22,31 @@ import os
 import statistics
 import sys
 import time
-import warnings
 
 import torch
 
 import saei_fast
+from saei_fast.benchmarks.band_cases import (
+    BAND,
+    CUDA_SHAPES,
+    SCOPED_PROVIDERS,
+    band_inputs,
+    band_provider,
+    count_host_syncs,
+)
 from saei_fast.ops.band import flat_segments
 from saei_fast.ops.dispatch import triton_interpreting
-from saei_fast.reference import (
-    entropy_band_mask_reference,
-    naive_band_mask_quantile,
-    naive_band_mask_sort,
-)
+from saei_fast.reference import entropy_band_mask_reference
 
-BAND = (1 / 3, 2 / 3)
-GROUP_SIZE = 4  # divides every shape's rows
-# The issue's shapes: 64 responses of 1k and 4k tokens, 16 of 16k.
-CUDA_SHAPES = [(64, 1024), (64, 4096), (16, 16384)]
+# Inputs, providers and shapes are the benchmark registry's, so this script, `pytest bench/`
+# and `saei-fast bench` time the same calls.
 CPU_SHAPES = [(8, 256), (4, 1024)]
-# Which scope each provider answers for.
-CASES = [
-    ("ours", "sequence"),
-    ("ours-nocheck", "sequence"),
-    ("ours-torch", "sequence"),
-    ("torch-sort", "sequence"),
-    ("ours", "group"),
-    ("ours", "batch"),
-    ("ours-torch", "batch"),
-    ("torch-quantile", "batch"),
-]
-
-
-def band_inputs(
-    rows: int, width: int, device: str | torch.device, *, seed: int = 0, kind: str = "continuous"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 entropy ``[rows, width]`` and a right-padded mask whose valid lengths are
-    uniform in ``[width / 4, width]`` (RL completions of varying length)."""
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "ties":  # bf16-like coarse values: many equal entropies
-        entropy = torch.randint(0, 8, (rows, width), generator=gen).float() / 4
-    else:
-        entropy = torch.rand(rows, width, generator=gen) * 4
-    lengths = torch.randint(width // 4, width + 1, (rows,), generator=gen)
-    mask = torch.arange(width)[None, :] < lengths[:, None]
-    return entropy.to(device), mask.to(device)
+CASES = SCOPED_PROVIDERS
 
 
 def provider(name: str, scope: str, impl: str):
     """The function timed for ``name`` at ``scope``."""
-    group_size = GROUP_SIZE if scope == "group" else None
-    if name == "ours":
-        return lambda e, m: saei_fast.entropy_band_mask(
-            e, m, band=BAND, scope=scope, group_size=group_size
-        )
-    if name == "ours-nocheck":
-        op = torch.ops.saei_fast.entropy_band_mask
-        return lambda e, m: op(e, m, None, *BAND, scope, group_size or 1, impl)
-    if name == "ours-torch":
-        return lambda e, m: saei_fast.entropy_band_mask(
-            e, m, band=BAND, scope=scope, group_size=group_size, impl="torch"
-        )
-    if name == "torch-sort":
-        return lambda e, m: naive_band_mask_sort(e, m, band=BAND)
-    if name == "torch-quantile":
-        return lambda e, m: naive_band_mask_quantile(e, m, band=BAND)
-    raise ValueError(f"unknown provider {name!r}")
-
-
-def count_host_syncs(fn) -> int | None:
-    """Synchronising CUDA calls made by ``fn()`` (None off CUDA)."""
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return band_provider(name, scope, impl)
 
 
 def median_ms(fn, device: torch.device, *, warmup: int = 3, reps: int = 20) -> float:

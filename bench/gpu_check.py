@@ -1,21 +1,25 @@
-"""One-shot GPU check: correctness of every op against float64, then one timing table.
+"""One-shot GPU check: correctness of every op against float64, then the timing table.
 
-Meant for a short-lived GPU machine: one call, a few minutes, everything printed and also
-written under ``--out`` (markdown + JSON). It first measures the device's copy bandwidth so
-memory-bound ops are reported as a fraction of what this card actually delivers.
+Meant for a short-lived GPU machine: one call, under 5 minutes, everything printed and also
+written under ``--out`` (or ``$SAEI_BENCH_OUT``, else ``$OUT``): ``gpu_check.md`` /
+``gpu_check.json`` (correctness + timings) and the ``saei-fast bench`` files ``bench.csv`` /
+``bench.json`` / ``bench.md``. It first measures the device's copy bandwidth and bf16
+matmul throughput (cached in ``peaks.json`` under the same directory), so the table states
+the peaks its "% of peak" column is against.
 
     python bench/gpu_check.py --out "$OUT"            # on a GPU
     python bench/gpu_check.py --device cpu --quick     # tiny shapes: exercises the script
 
-The per-op sections of other ops live in ``bench/gpu_<op>.py`` modules exposing
-``correctness(device) -> list[dict]`` and ``timings(device) -> list[dict]``; each present
-module is run here.
+Correctness: entropy + log-probs on random and adversarial logits (peaked, uniform, huge,
+-inf entries) here, and the ``correctness(device)`` sections of ``bench/gpu_<op>.py`` (band
+selection exactness with ties, linear entropy accuracy rule). Timings: the benchmark
+registry (``saei_fast.benchmarks``), the same cases as ``pytest bench/`` and
+``saei-fast bench``; cases left when the time budget runs out are listed as skipped.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import json
 import os
@@ -28,61 +32,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchutil import run_info
-
+from saei_fast.benchmarks import cases_for
+from saei_fast.benchmarks.peaks import device_peaks
+from saei_fast.benchmarks.report import tables, write_outputs
+from saei_fast.benchmarks.runner import run_cases, run_info
 from saei_fast.ops import logprobs_and_entropy
-from saei_fast.reference import (
-    chunked_entropy,
-    logprobs_and_entropy_reference,
-    naive_logprobs_and_entropy,
-)
+from saei_fast.reference import logprobs_and_entropy_reference, naive_logprobs_and_entropy
 
 OP_MODULES = ("gpu_band", "gpu_linear")
 
 
 # -------------------------------------------------------------------------------------------
-# Timing
-# -------------------------------------------------------------------------------------------
-
-
-def time_ms(fn, device: torch.device, *, warmup: int = 3, repeats: int = 10) -> tuple[float, float]:
-    """Median and spread (max - min) in ms of ``fn()``, synchronised on CUDA."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
-    return samples[len(samples) // 2], samples[-1] - samples[0]
-
-
-def copy_bandwidth(device: torch.device, n_bytes: int) -> float:
-    """Achieved bytes/s of a device-to-device copy (read + write), the memory-bound peak."""
-    src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    median_ms, _ = time_ms(lambda: dst.copy_(src), device, repeats=20)
-    return 2 * src.numel() * 2 / (median_ms / 1e3)
-
-
-def peak_extra_memory(fn, device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    start = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - start
-
-
-# -------------------------------------------------------------------------------------------
-# Entropy from logits
+# Entropy from logits: correctness
 # -------------------------------------------------------------------------------------------
 
 
@@ -142,88 +103,6 @@ def entropy_correctness(device: torch.device, quick: bool) -> list[dict]:
     return rows
 
 
-def entropy_timings(device: torch.device, quick: bool, bandwidth: float) -> list[dict]:
-    shapes = [(256, 4096)] if quick else [(4096, 151936), (8192, 128256), (8192, 151936)]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    def ours(x, y):
-        logp, ent = logprobs_and_entropy(x, y)
-        return ent.sum() + logp.sum()
-
-    def naive(x, y):
-        logp, ent = naive_logprobs_and_entropy(x, y)
-        return ent.float().sum() + logp.float().sum()
-
-    def chunked(x, y):
-        return chunked_entropy(x, chunk_size=1024).sum()
-
-    providers = {"ours": ours, "naive": naive, "chunked (entropy only)": chunked}
-    compiled = functools.cache(lambda: torch.compile(naive))
-    providers["torch.compile(naive)"] = lambda x, y: compiled()(x, y)
-    try:
-        from trl.trainer.utils import entropy_from_logits as trl_entropy
-
-        providers["trl.entropy_from_logits (entropy only)"] = lambda x, y: trl_entropy(x).sum()
-    except Exception as error:
-        print(f"  skipped peer trl.entropy_from_logits: {type(error).__name__}: {error}")
-
-    rows = []
-    for n, v in shapes:
-        logits = torch.randn(n, v, device=device, dtype=dtype)
-        labels = torch.randint(0, v, (n,), device=device)
-        size = logits.numel() * logits.element_size()
-        for name, fn in providers.items():
-            for mode in ("forward", "forward+backward"):
-                if mode == "forward":
-                    call = functools.partial(_no_grad_call, fn, logits, labels)
-                    moved = size
-                else:
-                    leaf = logits.detach().requires_grad_(True)
-                    call = functools.partial(_backward_call, fn, leaf, labels)
-                    moved = 3 * size
-                try:
-                    median, spread = time_ms(call, device)
-                    peak = peak_extra_memory(call, device)
-                except torch.OutOfMemoryError:
-                    rows.append(
-                        {
-                            "op": "entropy",
-                            "provider": name,
-                            "mode": mode,
-                            "shape": f"{n}x{v}",
-                            "ms": "OOM",
-                        }
-                    )
-                    torch.cuda.empty_cache()
-                    continue
-                gbps = moved / (median / 1e3) / 1e9
-                rows.append(
-                    {
-                        "op": "entropy",
-                        "provider": name,
-                        "mode": mode,
-                        "shape": f"{n}x{v} {str(dtype)[6:]}",
-                        "ms": round(median, 3),
-                        "spread_ms": round(spread, 3),
-                        "GB/s": round(gbps, 1),
-                        "% of copy bw": round(100 * gbps * 1e9 / bandwidth, 1),
-                        "peak_extra_MiB": None if peak is None else round(peak / 2**20),
-                    }
-                )
-        del logits
-    return rows
-
-
-def _no_grad_call(fn, x, y):
-    with torch.no_grad():
-        return fn(x, y)
-
-
-def _backward_call(fn, leaf, y):
-    leaf.grad = None
-    fn(leaf, y).backward()
-
-
 # -------------------------------------------------------------------------------------------
 # Driver
 # -------------------------------------------------------------------------------------------
@@ -246,56 +125,68 @@ def _markdown(rows: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (script self-test)")
-    parser.add_argument("--out", default=os.environ.get("OUT", "gpu-check-out"))
+    parser.add_argument("--quick", action="store_true", help="one small shape per op")
+    parser.add_argument(
+        "--out", default=os.environ.get("SAEI_BENCH_OUT") or os.environ.get("OUT", "gpu-check-out")
+    )
+    parser.add_argument("--ops", default=None, help="comma-separated ops to time (default: all)")
+    parser.add_argument(
+        "--budget-s", type=float, default=270.0, help="wall-clock budget of the whole check"
+    )
     args = parser.parse_args()
+    start = time.monotonic()
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    info = run_info()
-    print(json.dumps(info))
-    bandwidth = copy_bandwidth(device, (64 if args.quick else 2048) * 2**20)
-    print(f"measured copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
+    info = run_info(device)
+    print(json.dumps(info), flush=True)
+    peaks = device_peaks(device, cache_dir=out)
+    print(f"peaks: {json.dumps(peaks)}", flush=True)
 
     correctness = entropy_correctness(device, args.quick)
-    timings: list[dict] = []
     failures = []
     for module_name in OP_MODULES:
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            print(f"  no section {module_name}: {error}")
-            continue
-        for part, sink in (("correctness", correctness), ("timings", timings)):
-            try:
-                sink.extend(getattr(module, part)(str(device)))
-            except Exception:
-                failures.append(f"{module_name}.{part}:\n{traceback.format_exc()}")
+            correctness.extend(module.correctness(str(device)))
+        except Exception:
+            failures.append(f"{module_name}.correctness:\n{traceback.format_exc()}")
     print("\n## Correctness vs float64\n")
-    print(_markdown(correctness))
-    timings = entropy_timings(device, args.quick, bandwidth) + timings
+    print(_markdown(correctness), flush=True)
+
+    ops = [op.strip() for op in args.ops.split(",")] if args.ops else None
+    rows = run_cases(
+        cases_for(ops, device, quick=args.quick),
+        device,
+        quick=args.quick,
+        peaks=peaks,
+        deadline=start + args.budget_s,
+    )
+    table = tables(rows, info, peaks)
     print("## Timings\n")
-    print(_markdown(timings))
+    print(table)
+    write_outputs(out, rows, info, peaks)
     for failure in failures:
         print("FAILED", failure)
 
     report = {
         "info": info,
-        "copy_bandwidth_GBps": bandwidth / 1e9,
+        "peaks": peaks,
         "correctness": correctness,
-        "timings": timings,
+        "timings": rows,
         "failures": failures,
     }
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "gpu_check.md").write_text(
-        f"{json.dumps(info)}\n\ncopy bandwidth {bandwidth / 1e9:.0f} GB/s\n\n"
-        + _markdown(correctness)
-        + "\n"
-        + _markdown(timings)
+        f"{json.dumps(info)}\n\n## Correctness vs float64\n\n{_markdown(correctness)}\n"
+        f"## Timings\n\n{table}"
     )
+    timing_errors = [r for r in rows if r["status"] in ("error", "oom")]
     ok = all(row.get("ok", True) for row in correctness) and not failures
-    print("ALL OK" if ok else "SOME CHECKS FAILED")
+    print(f"{len(timing_errors)} timing cases failed (see the tables)")
+    print("ALL CORRECTNESS CHECKS OK" if ok else "SOME CHECKS FAILED")
+    print(f"done in {time.monotonic() - start:.0f} s")
     return 0 if ok else 1
 
 

@@ -3,29 +3,25 @@
 ``correctness(device)`` compares every implementation (fused Triton kernels, chunked Triton
 variant, frozen-lm_head fast path, recompute path, PyTorch path) with float64 truth on the
 same device and applies the accuracy rule: ours may be no less accurate than naive PyTorch in
-the same dtype, plus a small per-dtype allowance. ``timings(device)`` times ours vs naive vs
-chunked PyTorch (and installed peers on CUDA) with peak extra memory. Both run on a CPU too,
-with tiny shapes (the Triton variants only under ``TRITON_INTERPRET=1``).
+the same dtype, plus a small per-dtype allowance. ``timings(device)`` returns the benchmark
+registry's linear-entropy rows (ours vs naive vs chunked PyTorch and the peers installed on
+CUDA). Both run on a CPU too, with tiny shapes (the Triton variants only under
+``TRITON_INTERPRET=1``).
 
     python bench/gpu_linear.py cuda
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import statistics
 import sys
-import time
 
 import torch
 
-from saei_fast.memory import peak_memory_of
 from saei_fast.ops.dispatch import triton_available, triton_interpreting
 from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
 from saei_fast.reference import (
-    chunked_linear_entropy,
     linear_logprobs_and_entropy_reference,
     naive_linear_entropy,
     naive_linear_logprobs_and_entropy,
@@ -47,11 +43,6 @@ VARIANTS = {
 def _variants(device: torch.device) -> dict:
     triton_ok = triton_available() and (device.type == "cuda" or triton_interpreting())
     return {k: v for k, v in VARIANTS.items() if triton_ok or v["impl"] == "torch"}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _inputs(n, d, v, dtype, device, seed=0):
@@ -215,110 +206,15 @@ def correctness(device: str) -> list[dict]:
 # -------------------------------------------------------------------------------------------
 
 
-def _providers(device: torch.device) -> dict:
-    """name: (fn(hidden, weight, labels) -> scalar, recomputes logits in backward)."""
-
-    def ours(**options):
-        return lambda h, w, y: linear_logprobs_and_entropy_impl(h, w, None, **options)[1].sum()
-
-    providers = {
-        "ours": (ours(), False),
-        "naive": (lambda h, w, y: naive_linear_entropy(h, w).float().sum(), False),
-        "chunked": (lambda h, w, y: chunked_linear_entropy(h, w).sum(), True),
-    }
-    if device.type == "cuda":
-        providers["ours-chunked"] = (ours(fused=False), False)
-        providers["ours-recompute"] = (ours(input_grad_in_forward=False), True)
-        if importlib.util.find_spec("liger_kernel") is not None:
-            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-            providers["liger-flce-loss"] = (
-                lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y, reduction="sum"),
-                False,
-            )
-        if importlib.util.find_spec("cut_cross_entropy") is not None:
-            from cut_cross_entropy import linear_cross_entropy
-
-            providers["cce-loss"] = (
-                lambda h, w, y: linear_cross_entropy(h, w, y, reduction="sum"),
-                True,
-            )
-    return providers
-
-
-def _call(fn, mode: str, hidden, weight, labels):
-    """One timed call: forward without grad, or forward + backward to ``hidden`` only."""
-    if mode == "forward":
-
-        def call():
-            with torch.no_grad():
-                fn(hidden, weight, labels)
-
-        return call
-    leaf = hidden.detach().requires_grad_(True)
-
-    def call():
-        leaf.grad = None
-        fn(leaf, weight, labels).backward()
-
-    return call
-
-
-def _median_ms(call, device: torch.device, repeats: int) -> float:
-    call()  # warm-up (and Triton compilation)
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def timings(device: str) -> list[dict]:
-    """One row per (shape, mode, provider): ``op, provider, shape, ms, tflops, peak_mem``.
+    """The registry's linear-entropy rows (``saei_fast.benchmarks.linear_cases``): one per
+    (shape, mode, provider), with ms, nominal and executed TFLOP/s and peak memory; CPU runs
+    use the ``--quick`` shape."""
+    from saei_fast.benchmarks import cases_for
+    from saei_fast.benchmarks.runner import run_cases
 
-    ``tflops`` is on the nominal work (2NDV forward, 4NDV forward + backward to hidden with a
-    frozen lm_head); ``executed_tflops`` adds 2NDV for providers that recompute the logits.
-    """
     dev = torch.device(device)
-    if dev.type == "cuda":
-        shapes, dtype, repeats = [(8192, 2048, 151936), (8192, 3584, 152064)], torch.bfloat16, 10
-    else:
-        shapes, dtype, repeats = [(64, 64, 4096)], torch.float32, 3
-    results = []
-    for n, d, v in shapes:
-        hidden, weight, _, labels, _ = _inputs(n, d, v, dtype, dev)
-        for name, (fn, recomputes) in _providers(dev).items():
-            for mode in ("forward", "forward+backward"):
-                call = _call(fn, mode, hidden, weight, labels)
-                flops = (2 if mode == "forward" else 4) * n * d * v
-                executed = flops + (2 * n * d * v if recomputes and mode != "forward" else 0)
-                try:
-                    ms = _median_ms(call, dev, repeats)
-                    peak = peak_memory_of(call, dev)
-                except torch.OutOfMemoryError:
-                    results.append(
-                        {"op": f"linear_entropy {mode}", "provider": name, "shape": [n, d, v],
-                         "ms": None, "error": "out of memory"}
-                    )  # fmt: skip
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                results.append(
-                    {
-                        "op": f"linear_entropy {mode}",
-                        "provider": name,
-                        "shape": [n, d, v],
-                        "dtype": str(dtype),
-                        "ms": round(ms, 3),
-                        "tflops": round(flops / ms / 1e9, 2),
-                        "executed_tflops": round(executed / ms / 1e9, 2),
-                        "peak_mem": peak,
-                    }
-                )
-    return results
+    return run_cases(cases_for(["linear_entropy"], dev, quick=dev.type == "cpu"), dev)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,73 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="versions, devices, and the backend each op uses on this machine"
     )
     info_parser.set_defaults(run=info)
+    add_demo_parser(commands)
+    from saei_fast.benchmarks.command import add_bench_parser
+
+    add_bench_parser(commands)
     return parser
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Train vanilla GRPO and SaEI side by side and write metrics, plot and summary."""
+    import importlib.util
+
+    from saei_fast.demo.options import DEPENDENCIES, DemoOptions
+
+    missing = [name for name in DEPENDENCIES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"saei-fast demo needs {', '.join(missing)}: pip install 'saei-fast[demo]'",
+            file=sys.stderr,
+        )
+        return 2
+    from saei_fast.demo.run import run_demo
+
+    run_demo(
+        DemoOptions(
+            steps=args.steps,
+            output_dir=args.output_dir,
+            seed=args.seed,
+            model=args.model,
+            dataset=args.dataset,
+            alpha=args.alpha,
+            eval_every=args.eval_every,
+            arms=tuple(args.arms.split(",")),
+        )
+    )
+    return 0
+
+
+def add_demo_parser(commands) -> None:
+    from saei_fast.demo.options import ARMS, DemoOptions
+
+    defaults = DemoOptions()
+    parser = commands.add_parser(
+        "demo",
+        help="train a tiny Qwen2.5-VL with vanilla GRPO and with SaEI on a synthetic visual "
+        "task (CPU, minutes) and compare policy entropy and reward",
+    )
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="GRPO steps per arm")
+    parser.add_argument("--output-dir", default=defaults.output_dir, help="where results go")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of model and data")
+    parser.add_argument(
+        "--model", default=None, help="local Hugging Face VLM folder instead of the tiny model"
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="local JSONL of {image, question, answer} (image paths relative to the file)",
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=defaults.alpha, help="SaEI step in [0, 1] pixel units"
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=defaults.eval_every, help="held-out check interval"
+    )
+    parser.add_argument(
+        "--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}"
+    )
+    parser.set_defaults(run=demo)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,103 @@
+"""``saei-fast bench``: the registry's cases outside pytest, one table per op, CSV and JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def add_bench_parser(commands) -> None:
+    parser = commands.add_parser(
+        "bench",
+        help="time every op against naive, chunked and compiled PyTorch and the installed peers",
+        description="Time every op per provider (ours, PyTorch baselines, installed peers; "
+        "missing peers are listed as skipped with the reason), print one table per op and "
+        "write bench.csv, bench.json and bench.md.",
+    )
+    parser.add_argument("--quick", action="store_true", help="one small shape per op")
+    parser.add_argument(
+        "--ops",
+        default=None,
+        help="comma-separated subset of: entropy, linear_entropy, band, attack (default: all)",
+    )
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated shapes replacing the defaults, e.g. entropy:512x32000 (N x V), "
+        "linear_entropy:256x256x32000 (N x D x V), band:16x4096 (B x T), attack:4x64 "
+        "(rows x completion); without the op: prefix a shape applies to the --ops with that "
+        "many dims",
+    )
+    parser.add_argument("--providers", default=None, help="comma-separated providers to keep")
+    parser.add_argument("--out", default="bench-out", help="directory for bench.csv/json/md")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice); 1 avoids OpenMP spin-waits "
+        "that dominate small ops on an oversubscribed CPU",
+    )
+    parser.add_argument(
+        "--refresh-peaks", action="store_true", help="re-measure the cached CUDA peaks"
+    )
+    parser.set_defaults(run=bench)
+
+
+def bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from saei_fast.benchmarks.cases import cases_for
+    from saei_fast.benchmarks.peaks import device_peaks
+    from saei_fast.benchmarks.report import tables, write_outputs
+    from saei_fast.benchmarks.runner import run_cases, run_info
+
+    device_text = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device_text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        message = f"--device must be cpu or cuda, got {device_text!r}"
+        print(f"saei-fast bench: {message}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("saei-fast bench: --device cuda, but no CUDA device is available", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"saei-fast bench: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    try:
+        cases = cases_for(
+            _split(args.ops),
+            device,
+            quick=args.quick,
+            shapes=_split(args.shapes),
+            providers=_split(args.providers),
+        )
+    except ValueError as error:
+        print(f"saei-fast bench: {error}", file=sys.stderr)
+        return 2
+    if not cases:
+        print("saei-fast bench: no case matches --ops/--shapes/--providers", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    print(f"measuring {device} peaks ...", file=sys.stderr, flush=True)
+    peaks = device_peaks(device, refresh=args.refresh_peaks)
+    rows = run_cases(cases, device, quick=args.quick, peaks=peaks)
+    info = run_info(device)
+    print(tables(rows, info, peaks))
+    paths = write_outputs(args.out, rows, info, peaks)
+    print(
+        f"wrote {paths['csv']}, {paths['json']}, {paths['md']} "
+        f"({len(rows)} cases in {time.perf_counter() - start:.0f} s)",
+        file=sys.stderr,
+    )
+    return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
