@@ -25,9 +25,7 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
 def check_float_tensor(name: str, value: object, *, min_dim: int = 0) -> torch.Tensor:
     tensor = check_tensor(name, value)
     if tensor.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}"
-        )
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
     if tensor.dim() < min_dim:
         raise ValueError(
             f"{name} must have at least {min_dim} dimension(s), got shape {tuple(tensor.shape)}"
