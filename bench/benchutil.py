@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from saei_fast.benchmarks.cases import Case, prepare, skip_reason
-from saei_fast.benchmarks.peaks import device_name as _device_name
 from saei_fast.benchmarks.peaks import device_peaks
 from saei_fast.benchmarks.runner import case_metrics
 from saei_fast.benchmarks.runner import run_info as _run_info
@@ -28,10 +27,6 @@ from saei_fast.memory import peak_memory_of
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # SAEI_BENCH_QUICK=1: the `saei-fast bench --quick` shapes (one small shape per op).
 QUICK = os.environ.get("SAEI_BENCH_QUICK", "") not in ("", "0")
-
-
-def device_name() -> str:
-    return _device_name(DEVICE)
 
 
 def run_info() -> dict:
@@ -46,18 +41,6 @@ def synchronized(fn):
 @functools.cache
 def peaks() -> dict:
     return device_peaks(DEVICE)
-
-
-def record(benchmark, *, bytes_moved: int | None = None, flops: int | None = None, **extra):
-    """Fill ``extra_info`` with the run description and the derived throughput."""
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update(run_info())
-    benchmark.extra_info.update(extra)
-    if bytes_moved is not None:
-        benchmark.extra_info["bytes_moved"] = bytes_moved
-        benchmark.extra_info["GB/s"] = round(bytes_moved / median / 1e9, 2)
-    if flops is not None:
-        benchmark.extra_info["TFLOP/s"] = round(flops / median / 1e12, 3)
 
 
 def run_benchmark(benchmark, fn, *, rounds: int | None = None, warmup: int | None = None):
@@ -106,6 +89,8 @@ def bench_case(benchmark, case: Case) -> dict:
         call()
     peak = peak_memory_of(call, DEVICE)
     run_benchmark(benchmark, call, rounds=rounds, warmup=0)
+    if benchmark.stats is None:  # --benchmark-disable: the call ran once, nothing was timed
+        return inputs
     metrics = case_metrics(case, benchmark.stats.stats.median * 1e3, dtype, peaks())
     benchmark.extra_info.update(run_info())
     benchmark.extra_info.update(
