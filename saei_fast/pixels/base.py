@@ -10,6 +10,7 @@ trip through [0, 1] and back reproduces float32 ``pixel_values`` up to float32 r
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 UINT8_SCALE = 1.0 / 255.0
 
 
-class PixelSpace:
+class PixelSpace(abc.ABC):
     """Base class: normalization constants and the layout-independent arithmetic.
 
     Args:
@@ -56,13 +57,13 @@ class PixelSpace:
     # Layout hooks (subclasses)
     # ---------------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _check_layout(self, pixel_values: torch.Tensor, fields: dict) -> None:
         """Raise if ``pixel_values`` and the fields do not describe a valid batch."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _channel_view(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` (shaped like ``pixel_values``) viewed as ``[M, C, K]``."""
-        raise NotImplementedError
 
     def _tie_gradient(self, grad_view: torch.Tensor) -> torch.Tensor:
         """The gradient the step's sign is taken from, ``[M, C, K]``: positions that must
@@ -73,14 +74,14 @@ class PixelSpace:
         """Bool ``[M, 1, K]``: True where a value is a real pixel (None: all are)."""
         return None
 
+    @abc.abstractmethod
     def entry_spans(self, pixel_values: torch.Tensor, **fields) -> list[tuple[int, int]]:
         """``[start, stop)`` along dim 0 of ``pixel_values`` of each entry (an image, or a
         row's images), in order; the attack cuts batches into rows with it."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def entry_tokens(self, **fields) -> list[int] | None:
         """Image placeholder tokens of each entry in ``input_ids`` (None: all alike)."""
-        raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------
     # Public methods
