@@ -122,7 +122,7 @@ def run_cases(
             timing, peak = time_call(call, device, warmup=warmup, repeats=repeats)
             counts_syncs = case.op.count_host_syncs and device.type == "cuda"
             syncs = count_host_syncs(call) if counts_syncs else None
-        except torch.OutOfMemoryError as error:
+        except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError needs torch 2.5
             rows.append({**row, "status": "oom", "reason": _short(error)})
             progress(f"{label}: out of memory")
             if device.type == "cuda":
