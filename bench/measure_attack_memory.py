@@ -20,10 +20,9 @@ first call), time the median of the next ``--repeats`` calls.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
+
+from saei_fast.memory import run_isolated
 
 _WORKER = """
 import json, sys, time, torch
@@ -85,13 +84,7 @@ print(json.dumps({
 
 
 def measure(provider: str, rows: int, completion: int, repeats: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", _WORKER, provider, str(rows), str(completion), str(repeats)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_isolated(_WORKER, provider, rows, completion, repeats)
 
 
 def main() -> None:

@@ -15,10 +15,9 @@ warm-up), so load from other work on a shared machine hits them alike; the media
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
+
+from saei_fast.memory import run_isolated
 
 _SETUP = """
 import json, sys, time, torch
@@ -71,11 +70,7 @@ print(json.dumps({p: sorted(t)[len(t) // 2] for p, t in times.items()}))
 
 
 def _worker(code: str, n, d, v, mode, repeats, providers) -> dict:
-    args = [str(n), str(d), str(v), mode, str(repeats), *providers]
-    out = subprocess.run(
-        [sys.executable, "-c", _SETUP + code, *args], capture_output=True, text=True, check=True
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_isolated(_SETUP + code, n, d, v, mode, repeats, *providers)
 
 
 MODES = ("forward", "forward+backward")

@@ -9,10 +9,9 @@ peak extra memory is the RSS high-water mark above the RSS once the logits exist
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
+
+from saei_fast.memory import run_isolated
 
 _WORKER = """
 import json, sys, time, torch
@@ -52,13 +51,7 @@ print(json.dumps({"peak": peak, "median_s": times[len(times) // 2],
 
 
 def measure(n: int, v: int, provider: str, mode: str, repeats: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", _WORKER, str(n), str(v), provider, mode, str(repeats)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_isolated(_WORKER, n, v, provider, mode, repeats)
 
 
 def main() -> None:

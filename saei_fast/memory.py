@@ -10,7 +10,10 @@ RSS, which is why the benchmarks measure in a fresh subprocess.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -76,3 +79,21 @@ def peak_memory_of(fn: Callable[[], object], device: torch.device | str | None =
     with track_peak_memory(device) as peak:
         fn()
     return peak.bytes
+
+
+def run_isolated(code: str, *args: object, env: dict[str, str] | None = None) -> dict:
+    """Run ``code`` with ``args`` as ``sys.argv[1:]`` in a fresh interpreter and return the
+    JSON object its last line of output prints.
+
+    A fresh process is how peak memory is measured honestly on the CPU: memory the allocator
+    kept from earlier work cannot hide a new allocation there. ``env`` adds or overrides
+    environment variables.
+    """
+    out = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=None if env is None else {**os.environ, **env},
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -6,13 +6,9 @@ by the allocator cannot hide an allocation.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from saei_fast.memory import rss_tracking_available
+from saei_fast.memory import rss_tracking_available, run_isolated
 from saei_fast.ops._torch_entropy import CHUNK_ELEMENTS
 
 _SCRIPT = """
@@ -39,13 +35,7 @@ print(json.dumps({"peak": peak_memory_of(run), "logits": logits.numel() * 4}))
 
 
 def _peak(n: int, v: int, provider: str, mode: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(n), str(v), provider, mode],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_isolated(_SCRIPT, n, v, provider, mode)
 
 
 @pytest.mark.skipif(not rss_tracking_available(), reason="needs Linux /proc RSS high-water mark")

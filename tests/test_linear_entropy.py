@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import saei_fast
+from saei_fast.memory import run_isolated
 from saei_fast.ops.linear_entropy import (
     linear_entropy,
     linear_logprobs_and_entropy,
@@ -499,24 +500,11 @@ print(json.dumps({",".join(c): peak(int(c[0]), c[1], c[2]) for c in cases}))
 def _peaks(*cases: str) -> dict:
     """Peak extra bytes of forward + backward for each ``"n,provider,path"`` case, measured
     one after the other in one fresh interpreter."""
-    import json
-    import os
-    import subprocess
-    import sys
-
     # glibc serves blocks under its (adaptive, up to 32 MiB) mmap threshold from a heap it
     # keeps after free, so a warm process can reuse the chunk buffers without any new RSS.
     # A fixed 64 KiB threshold maps and unmaps every buffer, so the RSS peak of each case
     # sees all of its buffers whatever ran before.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT, *cases],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_isolated(_MEMORY_SCRIPT, *cases, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
 
 
 @pytest.mark.skipif(
