@@ -103,4 +103,13 @@ def _worker(rank: int, port: int) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_vocab_parallel_matches_unsharded_op():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    # A rendezvous can fail for reasons outside the op (a port taken between choosing it and
+    # binding it, a connection reset on a loaded host): try once more on a fresh port. A
+    # failed comparison is never retried.
+    try:
+        mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    except mp.ProcessRaisedException as error:
+        if "AssertionError" in str(error):
+            raise
+        warnings.warn(f"gloo run failed outside the checks, retrying once: {error}", stacklevel=1)
+        mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
