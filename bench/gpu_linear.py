@@ -34,6 +34,9 @@ EXTRA_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # name: internal options of linear_logprobs_and_entropy_impl
 VARIANTS = {
     "triton-fused": dict(impl="triton"),
+    # Chunks of 256 rows: the training path keeps the first chunk's logits from the forward
+    # and recomputes the other rows in the backward, so both halves run on the device.
+    "triton-fused-kept-256": dict(impl="triton", chunk_rows=256),
     "triton-chunked": dict(impl="triton", fused=False),
     "triton-recompute": dict(impl="triton", input_grad_in_forward=False),
     "torch": dict(impl="torch"),
@@ -109,9 +112,11 @@ def _labels_case(device, dtype, n, d, v, variant, options) -> list[dict]:
 
 def _frozen_head_case(device, dtype, n, d, v, variant, options) -> list[dict]:
     """The attack's case: entropy only, frozen lm_head, gradient w.r.t. hidden only (taken in
-    the forward by default, recomputed by the ``-recompute`` variant)."""
+    the forward by default; through the general backward, kept or recomputed logits, by the
+    ``-recompute`` variant)."""
     hidden, weight, bias, _, mask = _inputs(n, d, v, dtype, device, seed=v + n + 1)
-    g_entropy = torch.randn(n, device=device, dtype=torch.float64)
+    gen = torch.Generator(device=device).manual_seed(2)
+    g_entropy = torch.randn(n, device=device, generator=gen, dtype=torch.float64)
 
     def run(fn, h):
         leaf = h.detach().clone().requires_grad_(True)

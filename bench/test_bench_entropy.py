@@ -1,5 +1,8 @@
 """Entropy (+ label log-probs) from logits: ours vs naive, chunked (TRL- and verl-style) and
-compiled PyTorch, TRL's own function and, on CUDA, the loss-only peers when installed.
+compiled PyTorch (``torch.compile`` of the naive formula, forward and forward+backward),
+TRL's own ``entropy_from_logits`` and, on CUDA, TRL 1.16's Triton
+``selective_log_softmax_and_entropy`` and the loss-only peers when installed (skipped here
+with the reason otherwise).
 
 The cases (providers, shapes per device, bytes moved) are
 ``saei_fast.benchmarks.entropy_cases``, shared with ``saei-fast bench``.

@@ -1,7 +1,9 @@
 """Entropy-rank band selection: Triton kernels and their launchers.
 
 The band rule (DESIGN.md): inside a segment, sort the n valid tokens by (value, position)
-and select rank r iff ``floor(n*lo + 1e-9) <= r < floor(n*hi + 1e-9)``.
+and select rank r iff its quantile midpoint lies in the band, ``lo*n <= r + 0.5 < hi*n`` in
+float64. The selected ranks are ``[first, stop)`` with ``first = ceil(fl(n*lo) - 0.5)`` and
+``stop = ceil(fl(n*hi) - 0.5)``, computed on the device from n (see ``_band_rank``).
 
 Keys. Every token gets a unique int64 key that orders it exactly as the rule does: the
 float32 bits mapped to an order-preserving 32-bit integer, then the token's position inside
@@ -30,11 +32,13 @@ Two schedules of the same select:
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import torch
 import triton
 import triton.language as tl
+from saei_fast.kernels._plan import TRITON_DTYPE, LaunchPlan, Target, target_for
 
 RADIX_BITS = 8
 NUM_BINS = 1 << RADIX_BITS
@@ -95,17 +99,32 @@ def _histogram(b_digit, m_count, NUM_BINS: tl.constexpr):
 
 
 @triton.jit
+def _band_rank(n, band_bits):
+    """The first rank whose midpoint reaches ``band * n``: ``ceil(fl(n * band) - 0.5)``.
+
+    ``fl(n * band) - 0.5`` is exact for products >= 0.25 (0.5 is a multiple of their ulp
+    below 2^52) and lies in [-0.5, -0.25] below that, where the ceiling is 0 either way, so
+    rank r >= the result iff ``r + 0.5 >= fl(n * band)``: the rule's comparison, exactly.
+    """
+    # The band arrives as the bits of a float64 (a plain float argument would be float32) and
+    # the launch disables FMA contraction: n * band is rounded on its own, as in Python.
+    band = band_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    t = n.to(tl.float64) * band - 0.5
+    # Truncation is the floor for t >= 0 and 0 on (-1, 0); one step up where t is not whole
+    # makes it the ceiling without relying on a float64 ceil in every backend.
+    rank = t.to(tl.int64)
+    return rank + (rank.to(tl.float64) < t).to(tl.int64)
+
+
+@triton.jit
 def _rank_boundary(n, band_bits, top_shift):
-    """Radix-select state for the boundary rank ``floor(n * band + 1e-9)``.
+    """Radix-select state for the boundary rank ``_band_rank(n, band)``.
 
     State: (prefix, rank, shift, done). The boundary key's bits at and above ``shift`` are
     ``prefix``; ``rank`` is the boundary's rank among the keys sharing that prefix; ``done``
     once the prefix alone decides every comparison with the boundary.
     """
-    # The band arrives as the bits of a float64 (a plain float argument would be float32) and
-    # the launch disables FMA contraction: both roundings happen exactly as in Python.
-    band = band_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    rank = tl.floor(n.to(tl.float64) * band + tl.full((), 1e-9, tl.float64)).to(tl.int64)
+    rank = _band_rank(n, band_bits)
     past_end = rank >= n  # no token reaches this rank: key 2^62 lies above every key
     at_start = rank <= 0  # every token reaches it: prefix 0 of the top bits, below all keys
     prefix = tl.where(past_end, 4611686018427387904, 0).to(tl.int64)
@@ -458,20 +477,75 @@ def _band_chunk_select_kernel(
 
 
 # -------------------------------------------------------------------------------------------
-# Launchers
+# Configuration: one choice for the launcher and the compile-time report
 # -------------------------------------------------------------------------------------------
 
-_DEFAULT_TILE = 4096
+_MAX_TILE = 4096
+# Chunks are not cut below this to fill the GPU: each chunk still pays for its own
+# histograms and atomics.
+_MIN_CHUNK = 1024
 # Mean segment length above which one program per segment leaves the GPU mostly idle.
 _SEGMENT_SCHEDULE_MAX_LEN = 8192
+# Tokens per thread at which a tile's histograms and keys fit the registers of every target
+# without spills (checked by compiling for sm_90, sm_80, gfx942 and gfx90a).
+_TOKENS_PER_THREAD = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class BandConfig:
+    """How a band select is launched: schedule, tokens per tile or chunk, warps."""
+
+    schedule: str
+    tile: int
+    num_warps: int
+
+
+def band_config(
+    target: Target,
+    n_tokens: int,
+    n_segments: int,
+    *,
+    schedule: str | None = None,
+    tile: int | None = None,
+) -> BandConfig:
+    """The launch configuration for ``n_tokens`` split into ``n_segments`` scopes on
+    ``target``; ``schedule`` / ``tile`` force one (tests cross tile edges with small ones)."""
+    mean_len = triton.cdiv(max(n_tokens, 1), max(n_segments, 1))
+    if schedule is None:
+        schedule = "segment" if mean_len <= _SEGMENT_SCHEDULE_MAX_LEN else "chunked"
+    if tile is None:
+        # A tile about one segment long (longer segments take several): short packed
+        # sequences do not each get a mostly-masked 4096-token tile.
+        tile = min(_MAX_TILE, max(16, triton.next_power_of_2(mean_len)))
+        if schedule == "chunked":
+            # Halve the chunks until every SM has two of them (or the chunks get small).
+            while tile > _MIN_CHUNK and n_segments * triton.cdiv(mean_len, tile) < (
+                2 * target.sm_count
+            ):
+                tile //= 2
+    # Warps of 32 threads on NVIDIA, wavefronts of 64 on AMD: the same tokens per thread.
+    num_warps = max(1, min(8, tile // (_TOKENS_PER_THREAD * target.warp_size)))
+    return BandConfig(schedule, tile, num_warps)
+
+
+def _layout_bits(n_tokens: int, seg_len: int | None) -> tuple[int, int]:
+    """``(pos_bits, n_passes)``: position bits of a key and radix passes over all its bits.
+    Positions inside a segment are below its length, and the longest possible segment is
+    known to the host without reading any data."""
+    max_len = seg_len if seg_len is not None else n_tokens
+    pos_bits = (max(max_len, 1) - 1).bit_length()
+    if pos_bits > MAX_POSITION_BITS:
+        raise ValueError(f"segments must hold fewer than 2^{MAX_POSITION_BITS} tokens")
+    return pos_bits, triton.cdiv(VALUE_BITS + pos_bits, RADIX_BITS)
 
 
 def _float64_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
-def _num_warps(tile: int) -> int:
-    return 8 if tile >= 2048 else 4
+# -------------------------------------------------------------------------------------------
+# Launcher
+# -------------------------------------------------------------------------------------------
 
 
 def band_select(
@@ -494,11 +568,12 @@ def band_select(
         seg_len: segments are the consecutive runs of ``seg_len`` tokens (``N % seg_len == 0``).
         bounds: otherwise, int32/int64 ``[S + 1]`` flat offsets: segment s is
             ``[bounds[s], bounds[s+1])``; read on the device only. Exactly one of the two.
-        schedule: ``"segment"`` or ``"chunked"`` (None: by mean segment length).
+        schedule: ``"segment"`` or ``"chunked"`` (None: :func:`band_config`'s choice).
         tile: tokens per tile / chunk, a power of two >= 16 (tests use small ones to cross
-            tile edges); None picks one.
+            tile edges); None: :func:`band_config`'s choice.
 
-    Tokens outside every segment (only with inconsistent ``bounds``) are not selected.
+    Never synchronises with the host. Tokens outside every segment (only with inconsistent
+    ``bounds``) are not selected.
     """
     if (seg_len is None) == (bounds is None):
         raise ValueError("give exactly one of seg_len and bounds")
@@ -513,20 +588,10 @@ def band_select(
     if n_tokens == 0 or n_segments == 0:
         return out
 
-    # Positions inside a segment are < its length: the longest possible segment sets the
-    # number of position bits, which the host knows without reading any data.
-    max_len = seg_len if uniform else n_tokens
-    pos_bits = (max_len - 1).bit_length()
-    if pos_bits > MAX_POSITION_BITS:
-        raise ValueError(f"segments must hold fewer than 2^{MAX_POSITION_BITS} tokens")
-    n_passes = triton.cdiv(VALUE_BITS + pos_bits, RADIX_BITS)
-    mean_len = triton.cdiv(n_tokens, n_segments)
-    if schedule is None:
-        schedule = "segment" if mean_len <= _SEGMENT_SCHEDULE_MAX_LEN else "chunked"
-    if tile is None:
-        # A tile about one segment long (longer segments take several): short packed
-        # sequences do not each get a mostly-masked 4096-token tile.
-        tile = min(_DEFAULT_TILE, max(16, triton.next_power_of_2(mean_len)))
+    pos_bits, n_passes = _layout_bits(n_tokens, seg_len)
+    config = band_config(
+        target_for(values.device), n_tokens, n_segments, schedule=schedule, tile=tile
+    )
     if not uniform:
         bounds = bounds.to(torch.int64).contiguous()
     valid_bytes = None if valid is None else valid.view(torch.uint8)
@@ -536,12 +601,12 @@ def band_select(
         UNIFORM=uniform,
         RADIX_BITS=RADIX_BITS,
         NUM_BINS=NUM_BINS,
-        num_warps=_num_warps(tile),
-        enable_fp_fusion=False,  # see _rank_boundary
+        num_warps=config.num_warps,
+        enable_fp_fusion=False,  # see _band_rank
     )
     lo_bits, hi_bits = _float64_bits(lo), _float64_bits(hi)
 
-    if schedule == "segment":
+    if config.schedule == "segment":
         _band_segment_kernel[(n_segments,)](
             values,
             valid_bytes,
@@ -552,24 +617,25 @@ def band_select(
             n_passes,
             lo_bits,
             hi_bits,
-            TILE=tile,
+            TILE=config.tile,
             **common,
         )
         return out
 
+    chunk = config.tile
     if uniform:
-        chunks_per_seg = triton.cdiv(seg_len, tile)
+        chunks_per_seg = triton.cdiv(seg_len, chunk)
         n_work = n_segments * chunks_per_seg
         work_seg = work_first = None
     else:
         # Work items (segment, chunk) enumerated on the device: the host only knows that
-        # there are at most N / tile + S of them; the spare ones exit at once.
+        # there are at most N / chunk + S of them; the spare ones exit at once.
         chunks_per_seg = 0
         lengths = (bounds[1:] - bounds[:-1]).clamp_min(0)
-        chunks = (lengths + (tile - 1)) // tile
+        chunks = (lengths + (chunk - 1)) // chunk
         work_end = torch.cumsum(chunks, 0)
         work_first = work_end - chunks
-        n_work = triton.cdiv(n_tokens, tile) + n_segments
+        n_work = triton.cdiv(n_tokens, chunk) + n_segments
         work_ids = torch.arange(n_work, device=values.device)
         work_seg = torch.searchsorted(work_end, work_ids, right=True)
     hist = torch.zeros(n_passes, n_segments, 2, NUM_BINS, dtype=torch.int32, device=values.device)
@@ -578,9 +644,160 @@ def band_select(
     sizes = (seg_len or 0, chunks_per_seg, n_segments, pos_bits, n_passes)
     for pass_idx in range(n_passes):
         _band_chunk_pass_kernel[(n_work,)](
-            *layout, *sizes, pass_idx, lo_bits, hi_bits, CHUNK=tile, **common
+            *layout, *sizes, pass_idx, lo_bits, hi_bits, CHUNK=chunk, **common
         )
     _band_chunk_select_kernel[(n_work,)](
-        *layout, out_bytes, *sizes, lo_bits, hi_bits, CHUNK=tile, **common
+        *layout, out_bytes, *sizes, lo_bits, hi_bits, CHUNK=chunk, **common
     )
     return out
+
+
+# -------------------------------------------------------------------------------------------
+# Launch plans for the compile-time report
+# -------------------------------------------------------------------------------------------
+
+# The benchmark shapes (saei_fast.benchmarks.band_cases): 64 responses of 4096 tokens and 16 of
+# 16384, float32 entropy (what the entropy ops return) with a right-padded bool mask, at each
+# scope; group scope with 4 responses per prompt, as the benchmark.
+BENCHMARK_SHAPES = ((64, 4096), (16, 16384))
+BENCHMARK_GROUP_SIZE = 4
+BENCHMARK_BAND = (1 / 3, 2 / 3)
+
+
+def _int_type(value: int) -> str:
+    """Triton's type for a Python int argument (as the JIT infers it at launch)."""
+    return "i32" if -(2**31) <= value < 2**31 else "i64"
+
+
+def _plan(kernel, role, target_shape, config, constexprs, runtime, **fields) -> LaunchPlan:
+    """A plan whose signature lists ``kernel``'s runtime arguments in order: pointers from
+    ``runtime`` (dtype or type string), ints typed by value."""
+    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            continue
+        value = runtime[name]
+        if isinstance(value, torch.dtype):
+            signature[name] = "*" + TRITON_DTYPE[value]
+        else:
+            signature[name] = _int_type(value)
+    pointers = tuple(name for name in signature if signature[name].startswith("*"))
+    return LaunchPlan(
+        op="band",
+        kernel=kernel,
+        role=role,
+        dtype=torch.float32,
+        shape=target_shape,
+        signature=signature,
+        constexprs=constexprs,
+        # Fresh torch allocations: every pointer is 16-byte aligned. The int arguments are
+        # all in do_not_specialize (lengths change every batch), so none is specialised.
+        aligned=pointers,
+        num_warps=config.num_warps,
+        num_stages=3,
+        flops=0,
+        **fields,
+    )
+
+
+def benchmark_plans(target: Target) -> list[LaunchPlan]:
+    """The launches :func:`band_select` makes for the benchmark shapes on ``target``, per
+    scope, through :func:`band_config`. ``bytes_moved`` counts the compulsory traffic of one
+    launch (entropy and mask read once, the selection written once); the radix passes
+    re-read a segment or chunk that stays in L1/L2, which ``extra`` records."""
+    plans = []
+    lo_bits, hi_bits = (_float64_bits(b) for b in BENCHMARK_BAND)
+    for rows, width in BENCHMARK_SHAPES:
+        n_tokens = rows * width
+        for scope, seg_len in (
+            ("sequence", width),
+            ("group", BENCHMARK_GROUP_SIZE * width),
+            ("batch", n_tokens),
+        ):
+            n_segments = n_tokens // seg_len
+            config = band_config(target, n_tokens, n_segments)
+            pos_bits, n_passes = _layout_bits(n_tokens, seg_len)
+            shape = {"B": rows, "T": width}
+            constexprs = {
+                "HAS_VALID": True,
+                "UNIFORM": True,
+                "RADIX_BITS": RADIX_BITS,
+                "NUM_BINS": NUM_BINS,
+                "bounds_ptr": None,
+                "work_seg_ptr": None,
+                "work_first_ptr": None,
+            }
+            runtime = {
+                "values_ptr": torch.float32,
+                "valid_ptr": torch.uint8,
+                "out_ptr": torch.uint8,
+                "hist_ptr": torch.int32,
+                "state_ptr": torch.int64,
+                "seg_len": seg_len,
+                "pos_bits": pos_bits,
+                "n_passes": n_passes,
+                "lo_bits": lo_bits,
+                "hi_bits": hi_bits,
+                "n_segments": n_segments,
+            }
+            extra = {
+                "scope": scope,
+                "schedule": config.schedule,
+                "radix_passes": n_passes,
+                "options": {"enable_fp_fusion": False},  # as band_select launches
+            }
+            read_bytes = n_tokens * (4 + 1)  # float32 entropy + bool mask
+            if config.schedule == "segment":
+                plans.append(
+                    _plan(
+                        _band_segment_kernel,
+                        "select",
+                        shape,
+                        config,
+                        {**constexprs, "TILE": config.tile},
+                        runtime,
+                        grid=(n_segments,),
+                        loop_elements=config.tile,
+                        bytes_moved=read_bytes + n_tokens,
+                        # histogram passes until both boundaries resolve, then the select
+                        extra={**extra, "max_reads_per_token": n_passes + 1},
+                    )
+                )
+                continue
+            chunks_per_seg = triton.cdiv(seg_len, config.tile)
+            n_work = n_segments * chunks_per_seg
+            chunk_runtime = {**runtime, "chunks_per_seg": chunks_per_seg, "pass_idx": 0}
+            chunk_constexprs = {**constexprs, "CHUNK": config.tile}
+            hist_bytes = n_work * 2 * NUM_BINS * 4  # atomics of every chunk's histograms
+            plans.append(
+                _plan(
+                    _band_chunk_pass_kernel,
+                    "histogram pass",
+                    shape,
+                    config,
+                    chunk_constexprs,
+                    chunk_runtime,
+                    grid=(n_work,),
+                    loop_elements=config.tile,
+                    bytes_moved=read_bytes + hist_bytes,
+                    # one launch per radix pass; passes after the boundaries resolve read
+                    # one state record per chunk
+                    extra={**extra, "launches": n_passes},
+                )
+            )
+            plans.append(
+                _plan(
+                    _band_chunk_select_kernel,
+                    "select",
+                    shape,
+                    config,
+                    chunk_constexprs,
+                    chunk_runtime,
+                    grid=(n_work,),
+                    loop_elements=config.tile,
+                    bytes_moved=read_bytes + n_tokens,
+                    extra={**extra, "launches": 1},
+                )
+            )
+    return plans

@@ -1,17 +1,30 @@
 """Entropy and label log-probs of ``softmax((hidden @ weight.T + bias) / T)`` without ever
-storing the ``[N, V]`` logits: Triton kernels and their launchers.
+storing the ``[N, V]`` logits: Triton kernels, their launch configuration and launchers.
 
 Forward (``linear_entropy_fwd``): a GEMM whose epilogue is the online entropy statistics.
-A program owns ``BLOCK_N`` token rows and a contiguous range of vocabulary tiles; for each
-``BLOCK_N x BLOCK_V`` tile it accumulates the logits ``x = hidden @ weight.T + bias`` over
-``D`` in fp32 with ``tl.dot`` and folds the tile into per-row running statistics
-``m = max x``, ``s = sum exp(d)``, ``w = sum exp(d) * d`` with ``d = (x - m) / T`` (shift
-before scaling, the same statistics as the logits kernels in ``entropy_logits``), capturing
-the label's logit when its tile passes. The logits tile lives only in registers. The
-vocabulary is split over several programs per row block when there are few row blocks, so
-that small ``N`` still fills the GPU; a second small kernel merges the per-split statistics
-into ``H = log s - w / s``, ``log p(label) = (x_label - m) / T - log s`` and the row
-statistics ``stats = (m, log s)`` (``lse = m / T + log s``) that the backward needs.
+For each ``BLOCK_N x BLOCK_V`` tile a program accumulates the logits
+``x = hidden @ weight.T + bias`` over ``D`` in fp32 with ``tl.dot`` and folds the tile into
+per-row running statistics ``m = max x``, ``s = sum exp(d)``, ``w = sum exp(d) * d`` with
+``d = (x - m) / T`` (shift before scaling, the same statistics as the logits kernels in
+``entropy_logits``), capturing the label's logit when its tile passes. The logits tile lives
+only in registers, except that the forward can also write it (rounded to the input dtype,
+the value the statistics use) for the first ``keep_rows`` rows, for a backward that then
+reads it instead of recomputing it (``logits_out``). A second small kernel merges the
+per-split statistics into ``H = log s - w / s``, ``log p(label) = (x_label - m) / T - log s``
+and the row statistics ``stats = (m, log s)`` (``lse = m / T + log s``) that the backward
+needs.
+
+Schedule of the forward (persistent, grouped): the vocabulary is cut into ``S`` contiguous
+splits and the row blocks into lanes of a group of ``G``; the grid is exactly ``G * S``
+programs, no more than fit on the GPU at once (``sm_count * ctas_per_sm``), and program
+``(g, s)`` walks row blocks ``g, g + G, g + 2G, ...`` over split ``s``. All programs step
+through their splits together, so at any moment only ``G`` hidden blocks (each shared by
+``S`` programs, re-read from L2 for every vocabulary tile) and ``S`` weight tiles (each
+shared by ``G`` programs) are live: the hidden working set stays in L2 and each weight tile
+comes from HBM once per group of ``G`` row blocks. ``G`` and ``S`` are chosen per launch so
+that the busiest program does barely more than the average (``fwd_schedule``). Each program
+runs its (row block, tile) pairs as one flat loop, resetting and storing the per-row state at
+row-block boundaries.
 
 The last vocabulary tile holds columns past ``V``; their weight rows load as 0, so their
 logit would be ``0`` and would add ``exp(0 - m)`` to ``s``. That mass is large exactly when
@@ -19,13 +32,18 @@ every real logit is very negative (or one is peaked far below 0), so those colum
 ``-inf`` before the statistics, never left at 0.
 
 Backward (``linear_entropy_grad_logits``): for one chunk of rows, recompute each logits tile
-with ``tl.dot`` in fp32 and write only the gradient w.r.t. the logits,
+with ``tl.dot`` in fp32 (or read the kept one) and write only the gradient w.r.t. the logits,
 ``[g_H * p * (-log p - H) + g_logp * (onehot(label) - p)] / T`` with
 ``log p = (x - m) / T - log s``, in the hidden dtype; the caller turns it into gradients
-w.r.t. ``hidden`` / ``weight`` / ``bias`` with two GEMMs.
+w.r.t. ``hidden`` / ``weight`` / ``bias`` with GEMMs. One tile per program, in grouped order
+(``GROUP_N`` row blocks per column of vocabulary tiles) for the same L2 reuse. A row whose
+upstream gradients are both 0 gets an exact 0 row, whatever its logits (NaN included).
 
-Launch configuration: one known-good tile config per dtype; ``SAEI_AUTOTUNE=1`` searches a
-small set instead (keyed on the lm_head's shape, never on the number of rows).
+Launch configuration: one known-good tile config per (target, dtype) and the forward's
+persistent schedule, in ``_linear_config``, used by these launchers and by
+``benchmark_plans`` (``_linear_plans``: what ``saei-fast kernels`` compiles);
+``SAEI_AUTOTUNE=1`` searches a small set of configurations that compile without spilling
+(keyed on the lm_head's shape, never on the number of rows).
 
 Rows may be a subset (``rows``: int64 indices into ``hidden``), which is how masked tokens
 (prompts, image tokens) cost nothing. A label outside ``[0, V)`` gives a NaN log-prob and
@@ -35,12 +53,20 @@ by another rank).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from saei_fast.kernels._linear_config import (
+    GemmConfig,
+    elementwise,
+    fwd_schedule,
+    gemm_config,
+)
+from saei_fast.kernels._plan import LaunchPlan, Target, target_for
 
 # -------------------------------------------------------------------------------------------
 # Kernels
@@ -65,7 +91,6 @@ def _logits_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
     """``hidden[o_rows] @ weight[o_cols].T + bias[o_cols]`` as an fp32 register tile;
     columns past ``V`` are ``-inf`` (never 0: see the module docstring)."""
@@ -79,7 +104,9 @@ def _logits_tile(
         # The weight tile is read transposed, [BLOCK_D, BLOCK_V], straight from [V, D].
         p_w = weight_ptr + o_cols[None, :].to(tl.int64) * stride_wv + o_dd[:, None] * stride_wd
         b_w = tl.load(p_w, mask=m_cols[None, :] & m_d[:, None], other=0.0)
-        b_acc = tl.dot(b_h, b_w, b_acc, input_precision=DOT_PRECISION)
+        # IEEE fp32 products for fp32 operands (the accuracy an fp32 user expects of a GEMM,
+        # not TF32); 16-bit operands go to the tensor cores whatever this says.
+        b_acc = tl.dot(b_h, b_w, b_acc, input_precision="ieee")
     if HAS_BIAS:
         b_bias = tl.load(bias_ptr + o_cols, mask=m_cols, other=0.0).to(tl.float32)
         b_acc += b_bias[None, :]
@@ -104,7 +131,7 @@ def _merge_stats(b_m, b_s, b_w, c_m, c_s, c_w, inv_temperature):
     return m_new, s_new, w_new
 
 
-@triton.jit(do_not_specialize=["n_rows", "n_splits"])
+@triton.jit(do_not_specialize=["n_rows", "keep_rows", "group_rows", "n_splits"])
 def _linear_entropy_fwd_kernel(
     hidden_ptr,
     weight_ptr,
@@ -115,47 +142,55 @@ def _linear_entropy_fwd_kernel(
     part_s_ptr,
     part_w_ptr,
     part_label_ptr,
+    logits_ptr,
     n_rows,
+    keep_rows,
     V,
     D,
+    group_rows,
     n_splits,
     stride_hn,
     stride_hd,
     stride_wv,
     stride_wd,
+    stride_ln,
     inv_temperature,
     HAS_BIAS: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     HAS_LABELS: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
 ):
-    # Row blocks vary fastest in launch order, so the programs running together read the
-    # same weight tiles and share them through L2.
-    i_n = tl.program_id(0)
-    i_split = tl.program_id(1)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < n_rows
-    if HAS_ROWS:
-        o_rows = tl.load(rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-    else:
-        o_rows = o_n.to(tl.int64)
-    if HAS_LABELS:
-        b_label = tl.load(labels_ptr + o_rows, mask=m_n, other=-1).to(tl.int64)
+    # Program (i_lane, i_split) of a persistent G x S grid (see the module docstring) walks
+    # row blocks i_lane, i_lane + G, ... over the vocabulary tiles of split i_split, as one
+    # flat loop over its (row block, tile) pairs: the per-row state is reset at the first tile
+    # of each row block and stored at its last. (Nested loops cost the epilogue the registers
+    # it needs: 255 and spills on sm_90, against ~200 flat.) Every split is non-empty
+    # (fwd_schedule), so every (split, row) statistic is written.
+    pid = tl.program_id(0)
+    i_lane = pid % group_rows
+    i_split = pid // group_rows
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), n_splits)
+    v_begin = i_split * tiles_per_split * BLOCK_V
+    n_tiles = tl.minimum(tiles_per_split, tl.cdiv(V - v_begin, BLOCK_V))
+    n_blocks = tl.maximum(tl.cdiv(tl.cdiv(n_rows, BLOCK_N) - i_lane, group_rows), 0)
     o_v = tl.arange(0, BLOCK_V)
-
     b_m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     b_s = tl.zeros((BLOCK_N,), tl.float32)
     b_w = tl.zeros((BLOCK_N,), tl.float32)
     b_label_x = tl.zeros((BLOCK_N,), tl.float32)
-    # A contiguous range of vocabulary tiles per split (the last splits may be empty: they
-    # store m = -inf, s = 0, which the merge ignores).
-    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), n_splits)
-    v_begin = i_split * tiles_per_split * BLOCK_V
-    v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
-    for v_start in range(v_begin, v_end, BLOCK_V):
+    for t in range(0, n_blocks * n_tiles):
+        i_tile = t % n_tiles
+        i_n = i_lane + (t // n_tiles) * group_rows
+        v_start = v_begin + i_tile * BLOCK_V
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < n_rows
+        if HAS_ROWS:
+            o_rows = tl.load(rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+        else:
+            o_rows = o_n.to(tl.int64)
         o_cols = v_start + o_v
         m_cols = o_cols < V
         b_x = _logits_tile(
@@ -175,8 +210,21 @@ def _linear_entropy_fwd_kernel(
             BLOCK_N,
             BLOCK_V,
             BLOCK_D,
-            DOT_PRECISION,
         )
+        # Logits rounded to the input dtype, as F.linear returns them: the statistics then
+        # describe exactly the logits a backward may read back (STORE_LOGITS), and every
+        # path computes the same function of the same rounded logits.
+        b_x = b_x.to(hidden_ptr.dtype.element_ty).to(tl.float32)
+        if STORE_LOGITS:
+            p_l = logits_ptr + o_n[:, None].to(tl.int64) * stride_ln + o_cols[None, :]
+            m_l = (o_n < keep_rows)[:, None] & m_cols[None, :]
+            tl.store(p_l, b_x.to(logits_ptr.dtype.element_ty), mask=m_l)
+        # A new row block starts from empty statistics.
+        first = i_tile == 0
+        b_m = tl.where(first, float("-inf"), b_m)
+        b_s = tl.where(first, 0.0, b_s)
+        b_w = tl.where(first, 0.0, b_w)
+        b_label_x = tl.where(first, 0.0, b_label_x)
         # The tile's own statistics, then one merge into the running ones.
         c_m = tl.max(b_x, axis=1)
         c_safe = tl.where(c_m == float("-inf"), 0.0, c_m)
@@ -187,18 +235,21 @@ def _linear_entropy_fwd_kernel(
             b_m, b_s, b_w, c_m, tl.sum(b_e, axis=1), tl.sum(b_ed, axis=1), inv_temperature
         )
         if HAS_LABELS:
-            m_hit = o_cols[None, :] == b_label[:, None]
+            # The label's column within this tile, in 32 bits (-1 when elsewhere).
+            b_label = tl.load(labels_ptr + o_rows, mask=m_n, other=-1).to(tl.int64) - v_start
+            c_label = tl.where((b_label >= 0) & (b_label < BLOCK_V), b_label, -1).to(tl.int32)
+            m_hit = o_v[None, :] == c_label[:, None]
             b_label_x += tl.sum(tl.where(m_hit, b_x, 0.0), axis=1)
+        if i_tile == n_tiles - 1:
+            o_part = i_split * n_rows + o_n
+            tl.store(part_m_ptr + o_part, b_m, mask=m_n)
+            tl.store(part_s_ptr + o_part, b_s, mask=m_n)
+            tl.store(part_w_ptr + o_part, b_w, mask=m_n)
+            if HAS_LABELS:
+                tl.store(part_label_ptr + o_part, b_label_x, mask=m_n)
 
-    o_part = i_split * n_rows + o_n
-    tl.store(part_m_ptr + o_part, b_m, mask=m_n)
-    tl.store(part_s_ptr + o_part, b_s, mask=m_n)
-    tl.store(part_w_ptr + o_part, b_w, mask=m_n)
-    if HAS_LABELS:
-        tl.store(part_label_ptr + o_part, b_label_x, mask=m_n)
 
-
-@triton.jit(do_not_specialize=["n_rows"])
+@triton.jit(do_not_specialize=["n_rows", "n_splits"])
 def _merge_splits_kernel(
     rows_ptr,
     labels_ptr,
@@ -272,13 +323,21 @@ def _linear_entropy_grad_logits_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_ROWS: tl.constexpr,
     HAS_LABELS: tl.constexpr,
+    FROM_LOGITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    GROUP_N: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_v = tl.program_id(1)
+    # Grouped order: GROUP_N row blocks take each vocabulary tile in turn, so the programs
+    # running together share GROUP_N hidden blocks and a few weight tiles through L2.
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(n_rows, BLOCK_N)
+    per_group = GROUP_N * tl.cdiv(V, BLOCK_V)
+    first = (pid // per_group) * GROUP_N
+    size = tl.minimum(n_blocks - first, GROUP_N)
+    i_n = first + (pid % per_group) % size
+    i_v = (pid % per_group) // size
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < n_rows
     o_index = row_start + o_n
@@ -293,60 +352,55 @@ def _linear_entropy_grad_logits_kernel(
     b_log_s = tl.load(stats_ptr + 2 * o_rows + 1, mask=m_n, other=0.0)
     b_entropy = tl.load(entropy_ptr + o_rows, mask=m_n, other=0.0)
     b_g_entropy = tl.load(grad_entropy_ptr + o_rows, mask=m_n, other=0.0).to(tl.float32)
-    b_x = _logits_tile(
-        hidden_ptr,
-        weight_ptr,
-        bias_ptr,
-        o_rows,
-        m_n,
-        o_cols,
-        m_cols,
-        D,
-        stride_hn,
-        stride_hd,
-        stride_wv,
-        stride_wd,
-        HAS_BIAS,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_D,
-        DOT_PRECISION,
-    )
+    p_g = grad_logits_ptr + o_n[:, None].to(tl.int64) * stride_gn + o_cols[None, :]
+    m_g = m_n[:, None] & m_cols[None, :]
+    if FROM_LOGITS:
+        # The forward kept this chunk's logits here (STORE_LOGITS): no recompute, and the
+        # gradient is written over them.
+        b_x = tl.load(p_g, mask=m_g, other=float("-inf")).to(tl.float32)
+    else:
+        b_x = _logits_tile(
+            hidden_ptr,
+            weight_ptr,
+            bias_ptr,
+            o_rows,
+            m_n,
+            o_cols,
+            m_cols,
+            D,
+            stride_hn,
+            stride_hd,
+            stride_wv,
+            stride_wd,
+            HAS_BIAS,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+        )
+        b_x = b_x.to(hidden_ptr.dtype.element_ty).to(tl.float32)  # as the forward rounds
     b_logp = (b_x - b_max[:, None]) * inv_temperature - b_log_s[:, None]
     b_p = tl.exp(b_logp)
-    # dH/dz = p * (-log p - H); dlogp/dz = onehot - p. p = 0 (a -inf logit) gives 0.
+    # dH/dz = p * (-log p - H); dlogp/dz = onehot - p. p = 0 (a -inf logit) gives 0; a NaN
+    # logit of a row that has an upstream gradient stays NaN.
     b_coef = b_g_entropy[:, None] * (-b_logp - b_entropy[:, None])
+    m_live = b_g_entropy != 0.0
     if HAS_LABELS:
         b_g_logprob = tl.load(grad_logprob_ptr + o_rows, mask=m_n, other=0.0).to(tl.float32)
         b_label = tl.load(labels_ptr + o_rows, mask=m_n, other=-1).to(tl.int64)
         b_coef -= b_g_logprob[:, None]
-    b_g = tl.where(b_p > 0.0, b_p * b_coef, 0.0)
+        m_live = m_live | (b_g_logprob != 0.0)
+    b_g = tl.where(b_p == 0.0, 0.0, b_p * b_coef)
     if HAS_LABELS:
         b_g += tl.where(o_cols[None, :] == b_label[:, None], b_g_logprob[:, None], 0.0)
-    b_g *= inv_temperature
-    p_g = grad_logits_ptr + o_n[:, None].to(tl.int64) * stride_gn + o_cols[None, :]
-    tl.store(p_g, b_g.to(grad_logits_ptr.dtype.element_ty), mask=m_n[:, None] & m_cols[None, :])
+    # A row whose upstream gradients are all 0 is treated as masked: exactly 0, even when
+    # its logits are not finite.
+    b_g = tl.where(m_live[:, None], b_g * inv_temperature, 0.0)
+    tl.store(p_g, b_g.to(grad_logits_ptr.dtype.element_ty), mask=m_g)
 
 
 # -------------------------------------------------------------------------------------------
-# Launchers
+# Launch configuration: one place for the launchers and for benchmark_plans
 # -------------------------------------------------------------------------------------------
-
-
-def _gemm_blocks(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """``(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages)``, one known-good config per dtype.
-
-    16-bit inputs use tensor cores with 128 x 128 output tiles; fp32 inputs use IEEE fp32
-    products (the accuracy an fp32 user expects from a GEMM) with smaller tiles so that three
-    pipeline stages of fp32 operands fit in shared memory.
-    """
-    if dtype == torch.float32:
-        return 64, 64, 32, 4, 3
-    return 128, 128, 64, 8, 3
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _autotune_enabled() -> bool:
@@ -355,10 +409,21 @@ def _autotune_enabled() -> bool:
     return not interpreting and os.environ.get("SAEI_AUTOTUNE", "0") not in ("", "0")
 
 
-_TUNING_CONFIGS = [
+# Searched with SAEI_AUTOTUNE=1 (the grad kernel only: the forward's grid depends on the
+# tile and occupancy of the config, so it keeps the verified table). Every configuration
+# here compiles without spills for sm_90 and sm_80; 128 x 256 x 32 with 8 warps (36 B) and
+# 128 x 128 x 64 with 4 warps (176 B) spilled and are gone.
+TUNING_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
-    for bn, bv, bd in ((128, 128, 64), (64, 128, 64), (128, 64, 64), (64, 64, 64), (128, 256, 32))
-    for warps, stages in ((4, 3), (8, 3), (8, 4))
+    for (bn, bv, bd), warps, stages in (
+        ((128, 128, 64), 8, 3),
+        ((128, 128, 64), 8, 4),
+        ((64, 128, 64), 4, 3),
+        ((64, 128, 64), 8, 3),
+        ((128, 64, 64), 4, 3),
+        ((128, 64, 64), 8, 3),
+        ((64, 64, 64), 4, 3),
+    )
 ]
 
 
@@ -366,25 +431,7 @@ _TUNING_CONFIGS = [
 def _tuned(kernel):
     # Opt-in search (SAEI_AUTOTUNE=1). The key holds the shapes of the lm_head only: the
     # number of rows changes every RL batch and must not trigger a new search.
-    return triton.autotune(
-        _TUNING_CONFIGS, key=["V", "D", "HAS_BIAS", "HAS_LABELS", "DOT_PRECISION"]
-    )(kernel)
-
-
-@functools.cache
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _num_splits(n_row_blocks: int, n_vocab_tiles: int, device: torch.device) -> int:
-    # About two programs per SM. The interpreter (CPU tensors) has no SMs: use a few splits
-    # so the merge is exercised there too.
-    if device.type != "cuda":
-        target = 4
-    else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        target = 2 * _multiprocessor_count(index)
-    return max(1, min(n_vocab_tiles, triton.cdiv(target, max(1, n_row_blocks))))
+    return triton.autotune(TUNING_CONFIGS, key=["V", "D", "HAS_BIAS", "HAS_LABELS"])(kernel)
 
 
 def _check_blocks(blocks: tuple[int, int, int] | None) -> None:
@@ -392,17 +439,25 @@ def _check_blocks(blocks: tuple[int, int, int] | None) -> None:
         raise ValueError(f"blocks must be powers of two >= 16 (tl.dot), got {blocks}")
 
 
-def _launch(kernel, grid, dtype, blocks, *args, **meta):
-    """One fixed config (``blocks`` or the dtype's default), or the opt-in search."""
-    meta["DOT_PRECISION"] = _dot_precision(dtype)
-    if blocks is None and _autotune_enabled():
-        _tuned(kernel)[grid](*args, **meta)
-        return
-    block_n, block_v, block_d, num_warps, num_stages = _gemm_blocks(dtype)
+def _check_logits_buffer(name: str, buffer: torch.Tensor, dtype: torch.dtype, V: int) -> None:
+    if buffer.dim() != 2 or buffer.shape[1] != V or buffer.stride(1) != 1:
+        raise ValueError(f"{name} must be [c, {V}] with unit column stride, got {buffer.shape}")
+    if buffer.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {buffer.dtype}")
+
+
+def _config_for(device: torch.device, dtype: torch.dtype, blocks) -> GemmConfig:
+    config = gemm_config(target_for(device), dtype)
     if blocks is not None:
-        block_n, block_v, block_d = blocks
-    config = {"BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_D": block_d}
-    kernel[grid](*args, **meta, **config, num_warps=num_warps, num_stages=num_stages)
+        config = dataclasses.replace(
+            config, block_n=blocks[0], block_v=blocks[1], block_d=blocks[2]
+        )
+    return config
+
+
+# -------------------------------------------------------------------------------------------
+# Launchers
+# -------------------------------------------------------------------------------------------
 
 
 def linear_entropy_fwd(
@@ -413,6 +468,7 @@ def linear_entropy_fwd(
     labels: torch.Tensor | None,
     inv_temperature: float,
     *,
+    logits_out: torch.Tensor | None = None,
     blocks: tuple[int, int, int] | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -422,7 +478,11 @@ def linear_entropy_fwd(
     ``labels [N]`` (int, contiguous) or None, ``rows`` (int64 row indices to compute) or None
     for all. Returns ``(entropy [N], logprobs [N] or None, stats [N, 2])`` in float32 with
     ``stats = (max logit, log sum exp((x - max) / T))`` as in ``entropy_logits``; rows not in
-    ``rows`` are 0. Extra memory is ``O(N * num_splits)``: no ``[N, V]`` tensor is built.
+    ``rows`` are 0. Extra memory is ``O(N * splits)``: no ``[N, V]`` tensor is built.
+    ``logits_out [k, V]`` (unit column stride, the hidden dtype), when given, receives the
+    logits of the first ``k`` computed rows (positions in ``rows``), rounded to the hidden
+    dtype as the statistics use them, for a backward that reads them instead of recomputing
+    (``linear_entropy_grad_logits(..., from_logits=True)``).
     ``blocks = (BLOCK_N, BLOCK_V, BLOCK_D)`` and ``num_splits`` override the launch
     configuration (tests use them to cross tile and split edges).
     """
@@ -437,17 +497,13 @@ def linear_entropy_fwd(
     if n_rows == 0:
         return entropy, logprobs, stats
 
-    if num_splits is None:
-        block_n, block_v = blocks[:2] if blocks is not None else _gemm_blocks(hidden.dtype)[:2]
-        n_tiles = triton.cdiv(V, block_v)
-        num_splits = _num_splits(triton.cdiv(n_rows, block_n), n_tiles, hidden.device)
-    splits = num_splits
-    parts = torch.empty(4 if labels is not None else 3, splits, n_rows, device=hidden.device)
-    _launch(
-        _linear_entropy_fwd_kernel,
-        lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), splits),
-        hidden.dtype,
-        blocks,
+    if logits_out is not None:
+        _check_logits_buffer("logits_out", logits_out, hidden.dtype, V)
+    config = _config_for(hidden.device, hidden.dtype, blocks)
+    schedule = fwd_schedule(target_for(hidden.device), config, n_rows, V, num_splits=num_splits)
+    n_parts = 4 if labels is not None else 3
+    parts = torch.empty(n_parts, schedule.splits, n_rows, device=hidden.device)
+    _linear_entropy_fwd_kernel[schedule.grid](
         hidden,
         weight,
         bias,
@@ -457,21 +513,30 @@ def linear_entropy_fwd(
         parts[1],
         parts[2],
         parts[3] if labels is not None else None,
+        logits_out,
         n_rows,
+        0 if logits_out is None else logits_out.shape[0],
         V,
         D,
-        splits,
+        schedule.group_rows,
+        schedule.splits,
         hidden.stride(0),
         hidden.stride(1),
         weight.stride(0),
         weight.stride(1),
+        0 if logits_out is None else logits_out.stride(0),
         inv_temperature,
         HAS_BIAS=bias is not None,
         HAS_ROWS=rows is not None,
         HAS_LABELS=labels is not None,
+        STORE_LOGITS=logits_out is not None,
+        BLOCK_N=config.block_n,
+        BLOCK_V=config.block_v,
+        BLOCK_D=config.block_d,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
-    merge_block = 128
-    _merge_splits_kernel[(triton.cdiv(n_rows, merge_block),)](
+    _merge_splits_kernel[(triton.cdiv(n_rows, MERGE_BLOCK),)](
         rows,
         labels,
         parts[0],
@@ -482,15 +547,22 @@ def linear_entropy_fwd(
         logprobs,
         stats,
         n_rows,
-        splits,
+        schedule.splits,
         V,
         inv_temperature,
         HAS_ROWS=rows is not None,
         HAS_LABELS=labels is not None,
-        BLOCK=merge_block,
+        BLOCK=MERGE_BLOCK,
         num_warps=4,
     )
     return entropy, logprobs, stats
+
+
+MERGE_BLOCK = 128
+
+
+def grad_grid(n_rows: int, V: int, block_n: int, block_v: int) -> tuple[int]:
+    return (triton.cdiv(n_rows, block_n) * triton.cdiv(V, block_v),)
 
 
 def linear_entropy_grad_logits(
@@ -507,6 +579,7 @@ def linear_entropy_grad_logits(
     inv_temperature: float,
     out: torch.Tensor,
     *,
+    from_logits: bool = False,
     blocks: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Gradient of ``sum(g_H * H + g_logp * logp)`` w.r.t. the logits of one chunk of rows.
@@ -515,19 +588,16 @@ def linear_entropy_grad_logits(
     ``hidden`` when ``rows`` is None). ``entropy``, ``stats [N, 2]`` (from the forward),
     ``grad_entropy``, ``grad_logprobs`` and ``labels`` are contiguous per-row tensors indexed
     by hidden row.
-    ``out`` is a ``[c, V]`` tensor with unit column stride, written in its own dtype.
+    ``out`` is a ``[c, V]`` tensor with unit column stride, written in its own dtype. With
+    ``from_logits`` it holds the chunk's logits from the forward (``logits_out``) on entry
+    and they are read instead of recomputed (no GEMM), then overwritten by the gradient.
     """
     _check_blocks(blocks)
     n_rows, V = out.shape
-    if out.stride(1) != 1 or weight.shape[0] != V:
-        raise ValueError(f"out must be [c, {weight.shape[0]}] with unit column stride")
+    _check_logits_buffer("out", out, out.dtype, weight.shape[0])
     if n_rows == 0:
         return out
-    _launch(
-        _linear_entropy_grad_logits_kernel,
-        lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), triton.cdiv(V, meta["BLOCK_V"])),
-        hidden.dtype,
-        blocks,
+    args = (
         hidden,
         weight,
         bias,
@@ -548,8 +618,37 @@ def linear_entropy_grad_logits(
         weight.stride(1),
         out.stride(0),
         inv_temperature,
+    )
+    meta = dict(
         HAS_BIAS=bias is not None,
         HAS_ROWS=rows is not None,
         HAS_LABELS=labels is not None,
+        FROM_LOGITS=from_logits,
+    )
+    config = _config_for(hidden.device, hidden.dtype, blocks)
+    if from_logits and blocks is None:
+        config = elementwise(config)
+    if blocks is None and _autotune_enabled() and not from_logits:
+        _tuned(_linear_entropy_grad_logits_kernel)[
+            lambda m: grad_grid(n_rows, V, m["BLOCK_N"], m["BLOCK_V"])
+        ](*args, **meta, GROUP_N=config.group_n)
+        return out
+    _linear_entropy_grad_logits_kernel[grad_grid(n_rows, V, config.block_n, config.block_v)](
+        *args,
+        **meta,
+        BLOCK_N=config.block_n,
+        BLOCK_V=config.block_v,
+        BLOCK_D=config.block_d,
+        GROUP_N=config.group_n,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out
+
+
+def benchmark_plans(target: Target) -> list[LaunchPlan]:
+    """Every launch of the linear-entropy paths for the benchmark shapes on ``target``, as
+    ``saei-fast kernels`` compiles them (see ``_linear_plans``)."""
+    from saei_fast.kernels._linear_plans import linear_benchmark_plans
+
+    return linear_benchmark_plans(target)

@@ -20,23 +20,35 @@ computing a single parameter gradient:
 Any Hugging Face VLM whose ``forward`` takes ``pixel_values`` and whose base model returns
 the final hidden states works; models that transform logits after the head (soft-capping,
 a logit scale) are rejected, since the entropy would not be that of the model's output.
-Tested: Qwen2.5-VL, Qwen3-VL, LLaVA and Idefics3 (SmolVLM). Cutting a batch into groups or
-micro-batches needs to know which images are whose: see :class:`_RowLayout`.
+Tested: Qwen2.5-VL, Qwen3-VL, LLaVA and Idefics3 (SmolVLM), also wrapped by ``peft``.
+Cutting a batch into groups or micro-batches needs to know which images are whose: see
+:class:`saei_fast._row_layout.RowLayout`.
 
-The model's train/eval mode is left as it is, so dropout during the attack is the caller's
-choice (with dropout, the passes of a micro-batched attack draw different masks).
+The passes run with the model in eval mode (dropout off, so the gradient is that of the
+function being sampled from, and every micro-batch sees the same function); the mode is
+restored afterwards, also on error.
+
+``AttackConfig(perturbation="random")`` is the control: the same clean-image measurement
+and grouping, but each step moves every pixel by ``alpha`` in a random direction (a sign
+drawn from ``generator`` per pixel of each group's image) instead of the gradient's sign,
+with no backward pass (NoisyRollout-style sampling with the attack's L-inf size).
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from saei_fast._attack_model import (
+    attack_state,
+    check_completion_mask,
+    check_inputs,
+    model_parts,
+)
+from saei_fast._row_layout import RowLayout
 from saei_fast.memory import track_peak_memory
 from saei_fast.ops import band_entropy_objective, entropy_band_mask, linear_entropy
 from saei_fast.ops._checks import (
@@ -44,9 +56,7 @@ from saei_fast.ops._checks import (
     check_choice,
     check_positive_float,
     check_positive_int,
-    check_same_device,
     check_temperature,
-    check_tensor,
 )
 from saei_fast.pixels.base import PixelSpace
 
@@ -54,6 +64,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 SCOPES = ("sequence", "group", "batch")
+PERTURBATIONS = ("entropy", "random")
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,9 @@ class AttackConfig:
             bounded by one micro-batch, the gradient is the same.
         measure_after: also measure the objective on the adversarial image (one more
             forward without gradients, same band mask).
+        perturbation: ``"entropy"`` (SaEI: the signed gradient of the band objective) or
+            ``"random"`` (the control: a random sign per pixel, same ``alpha``, ``steps``
+            and ``eps``, no gradient; the objective is still measured).
     """
 
     alpha: float = 2 / 255
@@ -84,6 +98,7 @@ class AttackConfig:
     temperature: float = 1.0
     micro_batch_size: int | None = None
     measure_after: bool = False
+    perturbation: str = "entropy"
 
     def __post_init__(self) -> None:
         def normalize(name, value):
@@ -104,6 +119,7 @@ class AttackConfig:
             raise TypeError(
                 f"measure_after must be a bool, got {type(self.measure_after).__name__}"
             )
+        check_choice("perturbation", self.perturbation, PERTURBATIONS)
 
 
 @dataclass
@@ -118,6 +134,11 @@ class AttackResult:
         entropy_after: the same objective, same band mask, on the adversarial images (only
             with ``measure_after=True``, else None).
         num_selected: number of completion tokens in the band.
+        group_entropy_before: float64 ``[num_groups]`` (CPU), the band objective of each group
+            of ``config.group_size`` rows on the clean image; NaN for a group without a
+            selected token.
+        group_entropy_after: the same on the adversarial image (``measure_after=True``, else
+            None).
         peak_memory_bytes: extra memory at the attack's peak: on CUDA the allocator's peak
             above what was allocated on entry (exact); on the CPU the rise of the process's
             resident-set high-water mark (Linux; 0 elsewhere), which misses memory the
@@ -130,6 +151,8 @@ class AttackResult:
     entropy_after: float | None
     num_selected: int
     peak_memory_bytes: int
+    group_entropy_before: torch.Tensor | None = None
+    group_entropy_after: torch.Tensor | None = None
 
 
 @dataclass
@@ -138,15 +161,18 @@ class PixelGradient:
 
     Attributes:
         grad: d(objective)/d(pixel_values), shaped like ``pixel_values`` (every row's copy of
-            an image gets its own rows' share).
+            an image gets its own rows' share); None for a measurement without gradient.
         band_mask: bool ``[B, L - 1]``, the selected positions (position t predicts token
             t + 1).
         objective: the band objective's value (nats).
+        row_objective: float64 ``[B]`` (CPU), each row's mean selected entropy (NaN for a
+            row without a selected token); the objective is their mean over selected rows.
     """
 
-    grad: torch.Tensor
+    grad: torch.Tensor | None
     band_mask: torch.Tensor
     objective: float
+    row_objective: torch.Tensor
 
 
 # -------------------------------------------------------------------------------------------
@@ -161,15 +187,17 @@ def entropy_attack(
     *,
     space: PixelSpace,
     config: AttackConfig | None = None,
+    generator: torch.Generator | None = None,
 ) -> AttackResult:
     """Adversarial images that raise the band-selected entropy of a VLM's responses.
 
     Args:
         model: a Hugging Face VLM (e.g. ``Qwen2_5_VLForConditionalGeneration``,
-            ``LlavaForConditionalGeneration``), any dtype, attention implementation, train or
+            ``LlavaForConditionalGeneration``, or either wrapped by ``peft``), any dtype
+            (the head may be float32 over a bf16 model), attention implementation, train or
             eval mode, with or without gradient checkpointing.
         inputs: the model's batch: ``input_ids [B, L]`` (prompt + completion), optional
-            ``attention_mask``, ``pixel_values`` and the other multimodal fields
+            ``attention_mask`` ``[B, L]``, ``pixel_values`` and the other multimodal fields
             (``image_grid_thw``, ``mm_token_type_ids``, ``pixel_attention_mask``, ...), every
             row carrying its own image(s) as the processor produced them. Rows of a group
             (``config.group_size``) must carry identical images.
@@ -177,35 +205,48 @@ def entropy_attack(
             before it: column 0 must be False).
         space: the pixel space of the model's processor (:func:`saei_fast.pixels.from_processor`).
         config: :class:`AttackConfig` (None: the defaults).
+        generator: CPU ``torch.Generator`` the random signs of ``perturbation="random"`` are
+            drawn from (None: the global generator); unused by ``"entropy"``.
 
     Returns:
         :class:`AttackResult`.
 
     Raises:
         TypeError / ValueError: bad model (no pixel inputs, no linear head, logit
-            post-processing), inputs, completion mask, config, or groups whose rows carry
-            different images; all before any forward pass.
+            post-processing), inputs (non-finite ``pixel_values``, an ``attention_mask``
+            of another shape), completion mask, config, generator, or groups whose rows
+            carry different images; all before any forward pass.
     """
     config = _check_config(config)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     run = _AttackRun(model, inputs, completion_mask, space, config)
-    with _frozen(model), track_peak_memory(run.device) as peak:
+    with attack_state(model), track_peak_memory(run.device) as peak:
         clean = run.pixel_values
-        adv, band, before = clean, None, 0.0
-        for step in range(config.steps):
-            gradient = run.gradient(adv, band)
-            if step == 0:
-                band, before = gradient.band_mask, gradient.objective
-            tied = run.tie_groups(gradient.grad)
-            moved = space.step(adv, tied, config.alpha, **run.fields)
+        adv, band, before = clean, None, None
+        for _ in range(config.steps):
+            if config.perturbation == "random":
+                if before is None:
+                    before = run.measure(clean, None)
+                    band = before.band_mask
+                direction = run.random_direction(adv, generator)
+            else:
+                gradient = run.gradient(adv, band)
+                if before is None:
+                    before, band = gradient, gradient.band_mask
+                direction = run.tie_groups(gradient.grad)
+            moved = space.step(adv, direction, config.alpha, **run.fields)
             adv = space.project(moved, clean, config.eps, **run.fields)
-        after = run.objective(adv, band) if config.measure_after else None
+        after = run.measure(adv, band) if config.measure_after else None
     return AttackResult(
         pixel_values=adv,
         images=space.to_pil(adv, **run.fields),
-        entropy_before=before,
-        entropy_after=after,
+        entropy_before=before.objective,
+        entropy_after=None if after is None else after.objective,
         num_selected=int(band.sum()),
         peak_memory_bytes=peak.bytes,
+        group_entropy_before=run.group_values(before.row_objective),
+        group_entropy_after=None if after is None else run.group_values(after.row_objective),
     )
 
 
@@ -222,7 +263,7 @@ def pixel_gradient(
     ``measure_after`` are unused). Parameters are left untouched as there."""
     config = _check_config(config)
     run = _AttackRun(model, inputs, completion_mask, space, config)
-    with _frozen(model):
+    with attack_state(model):
         return run.gradient(run.pixel_values, None)
 
 
@@ -244,12 +285,12 @@ class _AttackRun:
             raise RuntimeError(
                 "entropy_attack needs autograd: call it outside torch.inference_mode()"
             )
-        self.base, self.weight, self.bias = _model_parts(model)
-        self.inputs = _check_inputs(inputs, self.weight.device)
+        self.base, self.weight, self.bias = model_parts(model)
+        self.inputs = check_inputs(inputs, self.weight.device)
         self.device = self.weight.device
         self.pixel_values = self.inputs["pixel_values"]
         self.batch_size = self.inputs["input_ids"].shape[0]
-        self.predict = _check_completion_mask(completion_mask, self.inputs)
+        self.predict = check_completion_mask(completion_mask, self.inputs)
         self.space, self.config = space, config
         self.fields = space.image_batch_fields(self.inputs)
         space.entry_spans(self.pixel_values, **self.fields)  # validates the layout
@@ -268,7 +309,7 @@ class _AttackRun:
         ]
         self.layout = None
         if len(self.chunks) > 1 or group_size > 1:
-            self.layout = _RowLayout(model, self.inputs, space, self.fields)
+            self.layout = RowLayout(model, self.inputs, space, self.fields)
             self.layout.check_groups(self.pixel_values, group_size)
 
     # ---- passes ------------------------------------------------------------------------------
@@ -285,7 +326,9 @@ class _AttackRun:
         if hidden is None:
             hidden = outputs[0]
         # Only completion-predicting positions reach the head: [n, D], never [B, L, V].
-        selected = hidden[:, :-1][predict]
+        # A head kept in higher precision than the body (TRL's cast_lm_head_to_fp32) gets
+        # its hidden states in its own dtype, as the model's head forward would.
+        selected = hidden[:, :-1][predict].to(self.weight.dtype)
         values = linear_entropy(
             selected, self.weight, bias=self.bias, temperature=self.config.temperature
         )
@@ -332,7 +375,7 @@ class _AttackRun:
             band = self._band_pass(pixels)
         # float32 at least: group sums of bf16 gradients would lose their small terms
         grad = torch.zeros_like(pixels, dtype=torch.promote_types(pixels.dtype, torch.float32))
-        chunk_bands, total = [], 0.0
+        chunk_bands, row_values, total = [], [], 0.0
         for start, stop in self.chunks:
             chunk = self._chunk_inputs(pixels, start, stop)
             # A fresh leaf per chunk: the only tensor in the graph that requires grad.
@@ -342,6 +385,7 @@ class _AttackRun:
             with torch.enable_grad():
                 entropy = self._entropies(chunk, predict)
                 chunk_band = band[start:stop] if band is not None else self._band(entropy, predict)
+                row_values.append(_row_objectives(entropy, chunk_band))
                 objective = _row_sum_objective(entropy, chunk_band)
                 if objective is not None:
                     # backward() rather than autograd.grad: reentrant gradient checkpointing
@@ -357,20 +401,61 @@ class _AttackRun:
         rows = int(band.any(-1).sum())
         if rows:
             grad /= rows
-        return PixelGradient(grad=grad, band_mask=band, objective=total / rows if rows else 0.0)
+        return PixelGradient(
+            grad=grad,
+            band_mask=band,
+            objective=total / rows if rows else 0.0,
+            row_objective=torch.cat(row_values),
+        )
 
-    def objective(self, pixels: torch.Tensor, band: torch.Tensor) -> float:
-        """The band objective with a fixed band mask (no gradients)."""
-        total = 0.0
+    def measure(self, pixels: torch.Tensor, band: torch.Tensor | None) -> PixelGradient:
+        """The band objective without gradients (``grad`` is None), with ``band`` as given
+        or, if None, ranked on these pixels' entropies."""
+        total, row_values, chunk_bands = 0.0, [], []
+        if band is None and self._needs_band_pass():
+            band = self._band_pass(pixels)
         with torch.no_grad():
             for start, stop in self.chunks:
                 chunk = self._chunk_inputs(pixels, start, stop)
-                entropy = self._entropies(chunk, self.predict[start:stop])
-                objective = _row_sum_objective(entropy, band[start:stop])
+                predict = self.predict[start:stop]
+                entropy = self._entropies(chunk, predict)
+                chunk_band = band[start:stop] if band is not None else self._band(entropy, predict)
+                objective = _row_sum_objective(entropy, chunk_band)
                 if objective is not None:
                     total += float(objective)
+                row_values.append(_row_objectives(entropy, chunk_band))
+                chunk_bands.append(chunk_band)
+        band = torch.cat(chunk_bands) if band is None else band
         rows = int(band.any(-1).sum())
-        return total / rows if rows else 0.0
+        return PixelGradient(
+            grad=None,
+            band_mask=band,
+            objective=total / rows if rows else 0.0,
+            row_objective=torch.cat(row_values),
+        )
+
+    def group_values(self, row_objective: torch.Tensor) -> torch.Tensor:
+        """Per group of ``group_size`` rows: the mean over its rows with a selected token."""
+        return row_objective.reshape(-1, self.group_size).nanmean(dim=1)
+
+    def random_direction(
+        self, pixels: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """A random sign per pixel of each group's image, shaped like ``pixels``; every row
+        of a group gets the same signs, and positions that are one pixel (Qwen's temporal
+        copies) share theirs, since the signs are drawn on the [0, 1] images."""
+        if self.layout is None:  # one row per group and one chunk: the whole batch at once
+            return _random_signs(self.space, pixels, self.fields, generator)
+        direction = torch.zeros_like(pixels, dtype=torch.promote_types(pixels.dtype, torch.float32))
+        for first in range(0, self.batch_size, self.group_size):
+            row = self.layout.rows({**self.inputs, "pixel_values": pixels}, first, first + 1)
+            signs = _random_signs(
+                self.space, row["pixel_values"], self.space.image_batch_fields(row), generator
+            )
+            for member in range(first, first + self.group_size):
+                start, stop = self.layout.pixel_span(member, member + 1)
+                direction[start:stop] = signs
+        return direction
 
     def tie_groups(self, grad: torch.Tensor) -> torch.Tensor:
         """Every row of a group gets the sum of the group's gradients (same image, one step)."""
@@ -388,6 +473,33 @@ class _AttackRun:
         return tied
 
 
+def _row_objectives(entropy: torch.Tensor, band: torch.Tensor) -> torch.Tensor:
+    """float64 ``[b]`` on the CPU: each row's mean selected entropy, NaN without selection."""
+    entropy, band = entropy.detach().double(), band.to(torch.float64)
+    return ((entropy * band).sum(-1) / band.sum(-1)).cpu()
+
+
+def _random_signs(
+    space: PixelSpace, pixels: torch.Tensor, fields: dict, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``pixels``-shaped direction whose sign is a fair coin per pixel of every image (0 on
+    padding): the difference of two images pushed through ``from_images``, so the layout's
+    own structure (patches, temporal copies, tiles, padding) comes out right."""
+    images = space.to_images(pixels, **fields)
+    # [B, N, C, H, W] without a pixel mask: from_images needs the images per row.
+    extra = {}
+    if pixels.dim() == 5 and "pixel_attention_mask" not in fields:
+        extra["images_per_sample"] = pixels.shape[1]
+    coins = [
+        torch.randint(0, 2, image.shape, generator=generator).to(image.device, image.dtype)
+        for image in images
+    ]
+    middle = [torch.full_like(image, 0.5) for image in images]
+    return space.from_images(coins, **fields, **extra) - space.from_images(
+        middle, **fields, **extra
+    )
+
+
 def _row_sum_objective(entropy: torch.Tensor, band: torch.Tensor) -> torch.Tensor | None:
     """``band_entropy_objective`` times the number of rows it averages over (None if 0)."""
     rows = int(band.any(-1).sum())
@@ -396,254 +508,9 @@ def _row_sum_objective(entropy: torch.Tensor, band: torch.Tensor) -> torch.Tenso
     return band_entropy_objective(entropy, band) * rows
 
 
-# -------------------------------------------------------------------------------------------
-# Which rows of pixel_values (and of the other fields) belong to which batch row
-# -------------------------------------------------------------------------------------------
-
-
-class _RowLayout:
-    """Maps batch rows to their images, so rows can be cut into micro-batches and groups.
-
-    ``pixel_values`` holds "entries" along dim 0 (a Qwen image's patches, one image tensor,
-    or one row's images for ``[B, N, C, H, W]``). Rows own contiguous entries: one each when
-    there are as many entries as rows; otherwise they are counted from each row's image
-    placeholder tokens (``model.config.image_token_id``), per entry from the space (Qwen:
-    ``t*h*w / merge**2``) or split evenly (plain tensors).
-    """
-
-    def __init__(self, model, inputs: dict, space: PixelSpace, fields: dict) -> None:
-        input_ids = inputs["input_ids"]
-        self.batch_size = input_ids.shape[0]
-        pixel_values = inputs["pixel_values"]
-        spans = space.entry_spans(pixel_values, **fields)
-        self.entries = self._entries_per_row(model, input_ids, space, fields, len(spans))
-        self.spans = spans
-        self.plan = _slice_plan(inputs, space, self.batch_size, len(spans))
-
-    def _entries_per_row(self, model, input_ids, space, fields, count) -> list[tuple[int, int]]:
-        tokens = space.entry_tokens(**fields)
-        if tokens is None and count == self.batch_size:
-            return [(row, row + 1) for row in range(self.batch_size)]
-        token_id = _image_token_id(model)
-        if token_id is None:
-            raise ValueError(
-                f"pixel_values holds {count} images for {self.batch_size} rows and the model "
-                "config has no image_token_id to tell which row owns which image"
-            )
-        per_row = (input_ids == token_id).sum(1).tolist()
-        if tokens is None:
-            total = sum(per_row)
-            if total % count:
-                raise ValueError(
-                    f"{total} image tokens do not split evenly over the {count} images of "
-                    "pixel_values"
-                )
-            tokens = [total // count] * count
-        bounds, entry = [], 0
-        for row, needed in enumerate(per_row):
-            first = entry
-            while needed > 0 and entry < count:
-                needed -= tokens[entry]
-                entry += 1
-            if needed != 0 or entry == first:
-                raise ValueError(
-                    f"row {row} of input_ids has {per_row[row]} image tokens, which do not match "
-                    f"its images in pixel_values; every row must carry its own image(s)"
-                )
-            bounds.append((first, entry))
-        if entry != count:
-            raise ValueError(
-                f"input_ids has image tokens for {entry} images but pixel_values holds {count}"
-            )
-        return bounds
-
-    def pixel_span(self, start: int, stop: int) -> tuple[int, int]:
-        """Rows of ``pixel_values`` (dim 0) that batch rows ``[start, stop)`` own."""
-        return self.spans[self.entries[start][0]][0], self.spans[self.entries[stop - 1][1] - 1][1]
-
-    def rows(self, inputs: dict, start: int, stop: int) -> dict:
-        """The batch restricted to rows ``[start, stop)``."""
-        first, last = self.entries[start][0], self.entries[stop - 1][1]
-        pixel_start, pixel_stop = self.pixel_span(start, stop)
-        out = {}
-        for key, value in inputs.items():
-            how = self.plan[key]
-            if how == "pixels":
-                out[key] = value[pixel_start:pixel_stop]
-            elif how == "entries":
-                out[key] = value[first:last]
-            elif how == "rows":
-                out[key] = value[start:stop]
-            elif how == "rows_dim1":
-                out[key] = value[:, start:stop]
-            else:
-                out[key] = value
-        return out
-
-    def check_groups(self, pixel_values: torch.Tensor, group_size: int) -> None:
-        for first in range(0, self.batch_size, group_size):
-            start, stop = self.pixel_span(first, first + 1)
-            image = pixel_values[start:stop]
-            for row in range(first + 1, first + group_size):
-                other_start, other_stop = self.pixel_span(row, row + 1)
-                other = pixel_values[other_start:other_stop]
-                if other.shape != image.shape or not torch.equal(other, image):
-                    raise ValueError(
-                        f"rows {first} and {row} are in one group (group_size={group_size}) "
-                        "but carry different images; rows sharing an image must be contiguous"
-                    )
-
-
-def _slice_plan(inputs: dict, space: PixelSpace, batch_size: int, entries: int) -> dict[str, str]:
-    """How each field of the batch is cut by rows (checked once, before any work)."""
-    plan = {}
-    for key, value in inputs.items():
-        if key == "pixel_values":
-            plan[key] = "pixels"
-        elif key in space.image_fields:
-            plan[key] = "entries"
-        elif not isinstance(value, torch.Tensor) or value.dim() == 0:
-            plan[key] = "keep"
-        elif key == "position_ids" and value.dim() == 3 and value.shape[1] == batch_size:
-            plan[key] = "rows_dim1"  # multimodal RoPE positions [k, B, L]
-        elif value.shape[0] == batch_size:
-            plan[key] = "rows"
-        elif value.shape[0] == entries:
-            plan[key] = "entries"
-        else:
-            raise ValueError(
-                f"inputs[{key!r}] has shape {tuple(value.shape)}: neither batch rows "
-                f"({batch_size}) nor images ({entries}) along dim 0, so it cannot be split "
-                "into micro-batches or groups"
-            )
-    return plan
-
-
-def _image_token_id(model) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
-# -------------------------------------------------------------------------------------------
-# Checks and model access
-# -------------------------------------------------------------------------------------------
-
-
 def _check_config(config: object) -> AttackConfig:
     if config is None:
         return AttackConfig()
     if not isinstance(config, AttackConfig):
         raise TypeError(f"config must be a saei_fast.AttackConfig, got {type(config).__name__}")
     return config
-
-
-def _model_parts(model: object) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]:
-    """(base model, head weight ``[V, D]``, head bias or None) of a HF VLM."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    name = type(model).__name__
-    if "pixel_values" not in inspect.signature(model.forward).parameters:
-        raise ValueError(
-            f"model {name} takes no pixel_values in its forward: entropy_attack needs a "
-            "vision-language model (e.g. Qwen2_5_VLForConditionalGeneration)"
-        )
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not isinstance(head, torch.nn.Linear) or not head.weight.dtype.is_floating_point:
-        raise ValueError(
-            f"model {name} must have a float nn.Linear output head (get_output_embeddings()), "
-            f"got {type(head).__name__}"
-        )
-    base = getattr(model, "base_model", None)
-    if not isinstance(base, torch.nn.Module) or base is model:
-        raise ValueError(
-            f"model {name} must wrap a base model (model.base_model) that returns the final "
-            "hidden states before the head"
-        )
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    scale = getattr(text_config, "logit_scale", None)
-    if softcap is not None or scale not in (None, 1, 1.0):
-        raise ValueError(
-            f"model {name} transforms its logits after the head (final_logit_softcapping="
-            f"{softcap}, logit_scale={scale}); entropy_attack supports plain linear heads"
-        )
-    return base, head.weight, head.bias
-
-
-def _check_inputs(inputs: object, device: torch.device) -> dict:
-    if not isinstance(inputs, Mapping):
-        raise TypeError(
-            f"inputs must be a mapping (the model's batch), got {type(inputs).__name__}"
-        )
-    inputs = dict(inputs)
-    for key in ("input_ids", "pixel_values"):
-        if key not in inputs or inputs[key] is None:
-            raise ValueError(f"inputs must contain {key!r}, got keys {sorted(inputs)}")
-    input_ids = check_tensor("inputs['input_ids']", inputs["input_ids"])
-    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-        raise ValueError(
-            f"inputs['input_ids'] must be an integer [B, L] tensor, got {input_ids.dtype} "
-            f"{tuple(input_ids.shape)}"
-        )
-    pixel_values = check_tensor("inputs['pixel_values']", inputs["pixel_values"])
-    if not pixel_values.dtype.is_floating_point:
-        raise TypeError(f"inputs['pixel_values'] must be a float tensor, got {pixel_values.dtype}")
-    for key, tensor in (("input_ids", input_ids), ("pixel_values", pixel_values)):
-        if tensor.device != device:
-            raise ValueError(
-                f"inputs[{key!r}] is on {tensor.device} but the model is on {device}; move "
-                "the batch to the model's device"
-            )
-    return inputs
-
-
-def _check_completion_mask(completion_mask: object, inputs: dict) -> torch.Tensor:
-    """The positions that predict completion tokens, bool ``[B, L - 1]``."""
-    input_ids = inputs["input_ids"]
-    mask = check_tensor("completion_mask", completion_mask)
-    if mask.dtype != torch.bool:
-        raise TypeError(
-            f"completion_mask must be a bool tensor (True = completion token), got {mask.dtype}; "
-            "use mask.bool()"
-        )
-    if mask.shape != input_ids.shape:
-        raise ValueError(
-            f"completion_mask must have the shape of inputs['input_ids'] "
-            f"{tuple(input_ids.shape)}, got {tuple(mask.shape)}"
-        )
-    check_same_device("completion_mask", mask, input_ids, "inputs['input_ids']")
-    if not bool(mask.any()):
-        raise ValueError("completion_mask marks no completion tokens: nothing to measure")
-    if bool(mask[:, 0].any()):
-        raise ValueError(
-            "completion_mask[:, 0] must be False: a completion token needs a token before it"
-        )
-    attention_mask = inputs.get("attention_mask")
-    if attention_mask is not None and bool((mask & ~attention_mask.bool()).any()):
-        raise ValueError("completion_mask marks positions that attention_mask marks as padding")
-    return mask[:, 1:]
-
-
-@contextlib.contextmanager
-def _frozen(model: torch.nn.Module) -> Iterator[None]:
-    """No parameter requires grad inside; flags (and the multimodal RoPE offsets some VLMs
-    cache between calls) are restored on exit, also on error. Train/eval mode is untouched."""
-    flags = [(param, param.requires_grad) for param in model.parameters()]
-    cached = [
-        (module, module.rope_deltas) for module in model.modules() if hasattr(module, "rope_deltas")
-    ]
-    try:
-        for param, _ in flags:
-            param.requires_grad_(False)
-        yield
-    finally:
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        for module, value in cached:
-            module.rope_deltas = value

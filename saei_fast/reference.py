@@ -124,9 +124,10 @@ def entropy_band_mask_reference(
     """The band rule of DESIGN.md by plain Python sorting.
 
     Within each scope (a row of ``[B, T]`` or a packed sequence of ``[N]`` + ``cu_seqlens``;
-    ``group_size`` consecutive ones; or all) sort the valid tokens by (entropy, flat
-    position) and select rank r iff ``floor(n*lo + 1e-9) <= r < floor(n*hi + 1e-9)``.
-    NaN sorts above every number, as in ``torch.sort``. Returns bool, shaped like entropy.
+    ``group_size`` consecutive ones; or all) sort the n valid tokens by (entropy, flat
+    position) and select rank r iff its midpoint lies in the band, ``lo*n <= r + 0.5 < hi*n``
+    in Python (float64) arithmetic. NaN sorts above every number, as in ``torch.sort``.
+    Returns bool, shaped like entropy.
     """
     values = entropy.detach().double().reshape(-1).tolist()
     valid = [True] * len(values) if mask is None else mask.reshape(-1).tolist()
@@ -138,8 +139,8 @@ def entropy_band_mask_reference(
         # (is NaN, value, position): NaN compares false with everything, so it gets a flag.
         tokens.sort(key=lambda i: (math.isnan(values[i]), _nan_to_zero(values[i]), i))
         n = len(tokens)
-        for i in tokens[math.floor(n * lo + 1e-9) : math.floor(n * hi + 1e-9)]:
-            selected[i] = True
+        for rank, i in enumerate(tokens):
+            selected[i] = lo * n <= rank + 0.5 < hi * n
     return torch.tensor(selected, dtype=torch.bool).reshape(entropy.shape)
 
 
@@ -166,17 +167,16 @@ def naive_band_mask_sort(
     entropy: torch.Tensor, mask: torch.Tensor, *, band: tuple[float, float] = (1 / 3, 2 / 3)
 ) -> torch.Tensor:
     """Sequence-scope band mask of padded ``[B, T]`` the way one writes it in eager PyTorch:
-    per-row ``torch.sort``, ranks scattered back, bounds from the valid counts. Assumes
-    finite entropies (padding is sorted last as +inf)."""
+    per-row ``torch.sort``, ranks scattered back, the midpoint rule against the valid
+    counts. Assumes finite entropies (padding is sorted last as +inf)."""
     lo, hi = band
     keyed = entropy.masked_fill(~mask, float("inf"))
     order = torch.sort(keyed, dim=-1, stable=True).indices
     positions = torch.arange(entropy.shape[-1], device=entropy.device).expand_as(order)
     ranks = torch.empty_like(order).scatter_(-1, order, positions)
     counts = mask.sum(-1, keepdim=True).double()
-    first = torch.floor(counts * lo + 1e-9)
-    stop = torch.floor(counts * hi + 1e-9)
-    return mask & (ranks >= first) & (ranks < stop)
+    midpoints = ranks.double() + 0.5
+    return mask & (counts * lo <= midpoints) & (midpoints < counts * hi)
 
 
 def naive_band_mask_quantile(

@@ -23,7 +23,6 @@ import torch
 
 from saei_fast.ops._checks import (
     check_float_tensor,
-    check_no_nan,
     check_non_negative_float,
     check_positive_int,
 )
@@ -172,9 +171,12 @@ def group_advantages(
 
     ``r - mean(group)``, divided by ``std(group) + eps`` when ``scale`` (unbiased std, as
     ``torch.std``). A group of identical rewards (including a group of one) gets exactly 0.
+    Computed in float64 (float32 on MPS, which has no float64) and returned in the rewards'
+    dtype, so half-precision rewards whose spread overflows fp16 (e.g. +-60000) and float32
+    rewards near its largest value still get their advantages.
 
     Args:
-        rewards: float ``[B]``, no NaN; ``B`` a multiple of ``group_size``.
+        rewards: float ``[B]``, finite (no NaN or +-inf); ``B`` a multiple of ``group_size``.
         group_size: rows per group (>= 1).
         scale: divide by the group's standard deviation.
         eps: added to the standard deviation (>= 0).
@@ -183,8 +185,8 @@ def group_advantages(
         ``[B]`` advantages, in the dtype and on the device of ``rewards``.
 
     Raises:
-        TypeError / ValueError: non-float or non-1-D rewards, NaN rewards, a group size that
-            does not divide ``B``, bad ``scale`` or ``eps``.
+        TypeError / ValueError: non-float or non-1-D rewards, NaN or infinite rewards, a
+            group size that does not divide ``B``, bad ``scale`` or ``eps``.
     """
     rewards = check_float_tensor("rewards", rewards)
     if rewards.dim() != 1:
@@ -197,16 +199,28 @@ def group_advantages(
     if not isinstance(scale, bool):
         raise TypeError(f"scale must be a bool, got {type(scale).__name__}")
     eps = check_non_negative_float("eps", eps)
-    check_no_nan("rewards", rewards, None)
+    # Rewards are a few numbers per batch: one host check here buys a clear ValueError (an
+    # infinite reward would make its whole group's mean and std NaN).
+    non_finite = ~torch.isfinite(rewards)
+    if bool(non_finite.any()):
+        index = non_finite.nonzero()[0].item()
+        raise ValueError(
+            f"rewards must be finite, got {rewards[index].item()} at index {index} "
+            "(NaN and +-inf rewards are rejected)"
+        )
 
-    grouped = rewards.reshape(-1, group_size)
+    # float64: a [B] tensor costs nothing, and fp16 or near-float32-max rewards must not
+    # overflow in the mean or the variance.
+    work_dtype = torch.float32 if rewards.device.type == "mps" else torch.float64
+    grouped = rewards.reshape(-1, group_size).to(work_dtype)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if scale and group_size > 1:
         centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
     # Rounding in the mean can leave a residue of ~1 ulp in a constant group, which eps
     # would blow up; such a group carries no signal, so it gets exactly 0.
     constant = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
-    return torch.where(constant, torch.zeros_like(centered), centered).reshape(-1)
+    advantages = torch.where(constant, torch.zeros_like(centered), centered)
+    return advantages.reshape(-1).to(rewards.dtype)
 
 
 def _repeat_each(items: list, copies: int) -> list:

@@ -16,3 +16,14 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
 
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+try:
+    from hypothesis import settings
+
+    # Property tests draw the same examples on every run (seeded from each test's name), so
+    # a failure in CI reproduces locally; SAEI_HYPOTHESIS_PROFILE=explore searches afresh.
+    settings.register_profile("ci", derandomize=True, database=None)
+    settings.register_profile("explore", derandomize=False)
+    settings.load_profile(os.environ.get("SAEI_HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # pragma: no cover - hypothesis comes with the [test] extra
+    pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 
+import numpy as np
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -282,6 +283,12 @@ def test_attack_result_statistics_and_shared_group_image(qwen, qwen_processor, q
     assert result.pixel_values.shape == inputs["pixel_values"].shape
     assert result.pixel_values.dtype == inputs["pixel_values"].dtype
     assert len(result.images) == 6 and result.images[0].size == (56, 56)
+    # The PIL images are exactly the adversarial pixel values, and not the clean images.
+    expected_pil = qwen_space.to_pil(result.pixel_values, image_grid_thw=grid)
+    clean_pil = qwen_space.to_pil(inputs["pixel_values"], image_grid_thw=grid)
+    for got, want, clean in zip(result.images, expected_pil, clean_pil, strict=True):
+        assert got.mode == want.mode and np.array_equal(np.asarray(got), np.asarray(want))
+        assert not np.array_equal(np.asarray(got), np.asarray(clean))
 
     clean_images = qwen_space.to_images(inputs["pixel_values"], image_grid_thw=grid)
     adv_images = qwen_space.to_images(result.pixel_values, image_grid_thw=grid)
@@ -570,6 +577,34 @@ def test_input_errors(qwen, qwen_processor, qwen_space):
         _attack(qwen, {**inputs, "stray": torch.zeros(5)}, mask, qwen_space, micro_batch_size=2)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="needs autograd"):
         _attack(qwen, inputs, mask, qwen_space)
+    short = inputs["attention_mask"][:, :-1]
+    with pytest.raises(ValueError, match=r"inputs\['attention_mask'\] must have the shape"):
+        _attack(qwen, {**inputs, "attention_mask": short}, mask, qwen_space)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_non_finite_pixel_values_are_named_before_any_forward(
+    qwen, qwen_processor, qwen_space, bad, group_size
+):
+    batch = _qwen_batch(qwen, qwen_processor, seed=9)
+    # The same bad value in every row: a group of identical NaN images is still one image.
+    pixel_values = batch.inputs["pixel_values"].clone()
+    pixel_values[:, 5] = bad
+    calls = []
+    handle = qwen.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"inputs\['pixel_values'\] has non-finite values"):
+            _attack(
+                qwen,
+                {**batch.inputs, "pixel_values": pixel_values},
+                batch.completion_mask,
+                qwen_space,
+                group_size=group_size,
+            )
+    finally:
+        handle.remove()
+    assert calls == []
 
 
 def test_model_errors(qwen_processor, qwen_space):

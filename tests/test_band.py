@@ -16,10 +16,19 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from saei_fast.kernels import band_select as band_kernels
+from saei_fast.kernels._plan import TARGETS
+from saei_fast.kernels.band_select import band_config, band_select, benchmark_plans
 
 import saei_fast
-from saei_fast.kernels.band_select import band_select
-from saei_fast.ops.band import SCOPES, band_mask_torch, flat_segments
+from saei_fast.ops import _checks
+from saei_fast.ops.band import (
+    SCOPES,
+    _band_rows_by_count,
+    band_mask_torch,
+    flat_segments,
+    rank_window,
+)
 from saei_fast.reference import band_entropy_objective_reference, entropy_band_mask_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,6 +213,15 @@ def test_torch_path_matches_reference(case):
     _assert_same(_public(case, "torch"), expected, "padded", case)
     _assert_same(_public(case, "torch", packed=True), expected, "packed", case)
     _assert_same(_public(case, "torch", packed=True, holes=True), expected, "holes", case)
+    # The method the PyTorch path uses for masked rows on a GPU (and for a NaN at a valid
+    # position on the CPU), on every case.
+    values, valid, seg_len, _ = flat_segments(
+        case.entropy, case.mask, None, case.scope, case.group_size or 1
+    )
+    if values.numel():
+        rows, valid_rows = values.view(-1, seg_len), valid.view(-1, seg_len)
+        counted = _band_rows_by_count(rows, valid_rows, *case.band).view(case.mask.shape)
+        _assert_same(counted, expected, "count", case)
 
 
 @pytest.mark.triton
@@ -255,52 +273,172 @@ def test_triton_long_rows(schedule, tile, scope, group_size, kind):
     _assert_same(_kernel(case, schedule, tile), case.reference(), schedule, case)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_band_rule_examples(impl):
-    """The examples of DESIGN.md: n = 3 selects rank 1, n = 6 ranks 2 and 3, n = 1 none;
-    equal values rank by position."""
-    entropy = torch.tensor(
-        [
-            [0.5, 0.1, 0.9, 0.0, 0.0, 0.0],  # n = 3 (mask): ranks 0.1 < 0.5 < 0.9 -> 0.5
-            [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],  # n = 6: ranks 2 and 3 are 0.3 and 0.4
-            [2.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # n = 1: nothing
-            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # ties: ranks 2 and 3 are positions 2 and 3
-        ],
-        device=DEVICE,
-    )
-    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0], [1] * 6], device=DEVICE)
-    expected = torch.tensor(
-        [
-            [1, 0, 0, 0, 0, 0],
-            [0, 0, 1, 1, 0, 0],
-            [0, 0, 0, 0, 0, 0],
-            [0, 0, 1, 1, 0, 0],
-        ],
-        dtype=torch.bool,
-        device=DEVICE,
-    )
-    got = saei_fast.entropy_band_mask(entropy, mask.bool(), impl=impl)
-    assert torch.equal(got, expected)
-    # Batch scope, 16 valid tokens: ranks floor(16/3) = 5 to floor(32/3) - 1 = 9 in the order
-    # 0.1 0.1 0.2 0.3 0.4 | 0.5 (row 0) 0.5 (row 1) 0.6 0.9 1.0 (row 3, first) | 1.0 ...
-    batch = saei_fast.entropy_band_mask(entropy, mask.bool(), scope="batch", impl=impl)
-    expected_batch = torch.zeros_like(expected)
-    expected_batch[0, [0, 2]] = True
-    expected_batch[1, [0, 1]] = True
-    expected_batch[3, 0] = True
-    assert torch.equal(batch, expected_batch)
+# -------------------------------------------------------------------------------------------
+# The midpoint rule: examples, boundaries, partition, symmetry, ties
+# -------------------------------------------------------------------------------------------
+
+IMPLEMENTATIONS = ["reference", "torch", "segment", "chunked"]
 
 
-@pytest.mark.parametrize("implementation", ["torch", "segment", "chunked"])
-def test_signed_zeros_tie_by_position(implementation):
-    # -0.0 == 0.0: ranks follow positions, so the middle third is positions 2 and 3. Ordered
-    # by bit pattern instead, the -0.0 would come first and positions 5 and 0 be selected.
-    values = torch.tensor([0.0, -0.0, 0.0, -0.0, 0.0, -0.0], device=DEVICE)
+def _up(x: float) -> float:
+    return math.nextafter(x, 2.0)
+
+
+def _down(x: float) -> float:
+    return math.nextafter(x, -1.0)
+
+
+def _select(
+    implementation: str, entropy: torch.Tensor, mask, band, scope="sequence", group=None, tile=16
+):
+    """Selection of ``entropy [B, T]`` by one implementation (kernels with 16-token tiles by
+    default, so that rows cross tile edges)."""
+    if implementation == "reference":
+        return entropy_band_mask_reference(
+            entropy.cpu(), None if mask is None else mask.cpu(), band=band, scope=scope,
+            group_size=group,
+        )  # fmt: skip
+    entropy = entropy.to(DEVICE)
+    mask = None if mask is None else mask.to(DEVICE)
+    values, valid, seg_len, bounds = flat_segments(entropy, mask, None, scope, group or 1)
     if implementation == "torch":
-        got = band_mask_torch(values, None, 1 / 3, 2 / 3, seg_len=6)
+        got = band_mask_torch(values, valid, *band, seg_len=seg_len, bounds=bounds)
     else:
-        got = band_select(values, None, 1 / 3, 2 / 3, seg_len=6, schedule=implementation)
-    assert got.cpu().tolist() == [False, False, True, True, False, False]
+        got = band_select(
+            values, valid, *band, seg_len=seg_len, bounds=bounds, schedule=implementation, tile=tile
+        )
+    return got.view(entropy.shape).cpu()
+
+
+def _ranked_rows(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of distinct values in a seeded random order, the first ``lengths[i]`` valid."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(max(lengths), 1)
+    entropy = torch.stack([torch.randperm(width, generator=gen) for _ in lengths]).float()
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    return entropy.masked_fill(~mask, -7.0), mask
+
+
+def _selected_ranks(entropy: torch.Tensor, mask: torch.Tensor, selected: torch.Tensor):
+    """Per row, the ranks (among the valid, distinct values) of the selected tokens."""
+    ranks = []
+    for values, valid, chosen in zip(entropy, mask, selected, strict=True):
+        order = sorted(values[valid].tolist())
+        ranks.append(sorted(order.index(v) for v in values[chosen].tolist()))
+    return ranks
+
+
+def test_rank_window_is_the_midpoint_rule():
+    """``ceil(fl(n*b) - 0.5)`` against the literal rule, for every n up to 300 and bands
+    whose products land on, and one ulp either side of, half-integers."""
+    bands = [*BANDS, (0.25, 0.75), (_up(0.25), _down(0.75)), (_down(0.25), _up(0.75))]
+    bands += [(2.5 / 7, 1.0), (0.0, 2.5 / 6), (0.25, 0.45), (1e-300, 1.0), (0.0, 5e-324)]
+    for lo, hi in bands:
+        counts = torch.arange(301)
+        first_t, stop_t = rank_window(counts, lo, hi)
+        for n in range(301):
+            literal = [r for r in range(n) if lo * n <= r + 0.5 < hi * n]
+            first, stop = rank_window(n, lo, hi)
+            assert list(range(first, stop)) == literal, (n, lo, hi)
+            assert (first_t[n].item(), stop_t[n].item()) == (first, stop)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_design_examples(implementation):
+    """DESIGN.md: n = 1 selects its token, n = 2 nothing, n = 3 rank 1, n = 4 ranks 1 and 2,
+    n = 6 ranks 2 and 3, n = 7 ranks 2, 3 and 4 (middle third); n = 0 nothing."""
+    examples = {0: [], 1: [0], 2: [], 3: [1], 4: [1, 2], 5: [2], 6: [2, 3], 7: [2, 3, 4]}
+    entropy, mask = _ranked_rows(list(examples), seed=11)
+    selected = _select(implementation, entropy, mask, (1 / 3, 2 / 3))
+    assert not (selected & ~mask).any()
+    assert _selected_ranks(entropy, mask, selected) == list(examples.values())
+
+
+# (n, band, selected ranks). Each product n*lo or n*hi is a half-integer in float64 or one
+# ulp away from one, so a guard (+-1e-9), float32 arithmetic, exact rational arithmetic or
+# rounding the half-integer the other way selects differently.
+BOUNDARY_CASES = [
+    (6, (0.25, 0.75), [1, 2, 3]),  # 1.5 and 4.5 exactly: rank 1 in, rank 4 out
+    (6, (_up(0.25), 0.75), [2, 3]),  # 1.5 + 1 ulp: rank 1 out (float32 would round to 1.5)
+    (6, (0.25, _up(0.75)), [1, 2, 3, 4]),  # 4.5 + 1 ulp: rank 4 in
+    (6, (_down(0.25), _down(0.75)), [1, 2, 3]),  # 1 ulp below both: no widening guard
+    (10, (0.25, 0.45), [2, 3]),  # 10 * 0.45 rounds to 4.5 (exactly 4.5000000000000001)
+    (10, (_up(0.25), _down(0.45)), [3]),
+    (7, (2.5 / 7, 1.0), [2, 3, 4, 5, 6]),  # fl(7 * fl(2.5/7)) = 2.5, the exact product above
+    (6, (0.0, 2.5 / 6), [0, 1]),  # fl(6 * fl(2.5/6)) = 2.5, the exact product above
+    (4098, (0.25, 0.75), list(range(1024, 3073))),  # 1024.5 and 3073.5, 13 position bits
+]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_boundary_products(implementation):
+    for n, band, expected in BOUNDARY_CASES:
+        if n > 64 and implementation in ("segment", "chunked") and not torch.cuda.is_available():
+            continue  # the interpreter walks 4098 tokens in 16-token tiles too slowly
+        entropy, mask = _ranked_rows([n], seed=n)
+        selected = _select(implementation, entropy, mask, band)
+        assert _selected_ranks(entropy, mask, selected) == [expected], (n, band)
+
+
+@pytest.mark.parametrize("implementation", ["segment", "chunked"])
+def test_boundary_products_long_row(implementation):
+    """The 4098-token boundary case through a kernel with its default tile."""
+    n, band, expected = BOUNDARY_CASES[-1]
+    entropy, mask = _ranked_rows([n], seed=n)
+    values, valid, seg_len, _ = flat_segments(
+        entropy.to(DEVICE), mask.to(DEVICE), None, "sequence", 1
+    )
+    got = band_select(values, valid, *band, seg_len=seg_len, schedule=implementation)
+    assert _selected_ranks(entropy, mask, got.view(1, -1).cpu()) == [expected]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_thirds_partition_and_reversal(implementation):
+    """The three thirds select each valid token exactly once, and reversing the order
+    (negated, distinct values) maps the bottom third onto the top: every n up to 40 on the
+    PyTorch path, a spread of n (one tile per row) through the interpreted kernels."""
+    kernel = implementation in ("segment", "chunked") and not torch.cuda.is_available()
+    lengths = [2, 5, 8, 11, 29, 40] if kernel else list(range(41))
+    entropy, mask = _ranked_rows(lengths, seed=5)
+    thirds = [(0.0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.0)]
+    chosen = [_select(implementation, entropy, mask, band, tile=64).int() for band in thirds]
+    assert torch.equal(sum(chosen), mask.int())
+    flipped_top = _select(implementation, -entropy, mask, (2 / 3, 1.0), tile=64)
+    assert torch.equal(flipped_top.int(), chosen[0])
+
+
+@pytest.mark.parametrize("implementation", [*IMPLEMENTATIONS, "public-torch", "public-triton"])
+def test_ties_break_by_position(implementation):
+    """Equal values rank by position, ascending. Each case selects different tokens if ties
+    broke the other way, or by bit pattern (-0.0 before +0.0)."""
+    cases = [
+        # n = 7, middle third = ranks 2, 3, 4: positions 2, 3, 4. Reversed ties: 3, 2, 1;
+        # -0.0 first: 5, 0, 2.
+        (torch.tensor([[0.0, -0.0, 0.0, -0.0, 0.0, -0.0, 1.0]]), "sequence", None,
+         [[0, 0, 1, 1, 1, 0, 0]]),
+        # n = 6: 0.1 at positions 3, 4 rank 0, 1; 0.5 at 0, 1, 2 rank 2, 3, 4 -> positions
+        # 0 and 1 (reversed ties: 2 and 1).
+        (torch.tensor([[0.5, 0.5, 0.5, 0.1, 0.1, 0.9]]), "sequence", None,
+         [[1, 1, 0, 0, 0, 0]]),
+        # Batch scope ranks by flat position across rows: the 0.5 at flat 1, 2, 3, 4 rank
+        # 0..3, so ranks 2, 3 are flat 3 and 4 (row 1); reversed ties would pick row 0.
+        (torch.tensor([[1.0, 0.5, 0.5], [0.5, 0.5, 2.0]]), "batch", None,
+         [[0, 0, 0], [1, 1, 0]]),
+        # Group scope (2 rows per group): the 0.5 at flat 0..4 rank 0..4, so ranks 2, 3
+        # are flat 2 and 3; reversed ties would pick flat 2 and 1.
+        (torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.9]]), "group", 2,
+         [[0, 0, 1], [1, 0, 0]]),
+    ]  # fmt: skip
+    for entropy, scope, group, expected in cases:
+        band = (1 / 3, 2 / 3)
+        if implementation.startswith("public"):
+            got = saei_fast.entropy_band_mask(
+                entropy.to(DEVICE), None, band=band, scope=scope, group_size=group,
+                impl=implementation.removeprefix("public-"),
+            ).cpu()  # fmt: skip
+        else:
+            got = _select(implementation, entropy, None, band, scope, group)
+        assert got.int().tolist() == expected, (implementation, entropy.tolist())
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -323,7 +461,7 @@ def test_non_contiguous_input(impl):
 
 
 def test_no_gradient_flows_through_mask():
-    entropy = torch.randn(2, 7, requires_grad=True)
+    entropy = torch.randn(2, 7, generator=torch.Generator().manual_seed(4), requires_grad=True)
     selected = saei_fast.entropy_band_mask(entropy, None)
     assert selected.dtype == torch.bool
     assert not selected.requires_grad
@@ -336,21 +474,78 @@ def test_no_gradient_flows_through_mask():
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_nan_at_valid_position_is_rejected(impl):
-    entropy = torch.tensor([[0.1, math.nan, 0.3]], device=DEVICE)
+    # CPU tensors: a ValueError before any work (CUDA tensors assert on the device instead).
+    entropy = torch.tensor([[0.1, math.nan, 0.3]])
     with pytest.raises(ValueError, match=r"entropy must not be NaN.*index \[0, 1\]"):
         saei_fast.entropy_band_mask(entropy, None, impl=impl)
     packed = entropy.reshape(-1)
-    cu_seqlens = torch.tensor([0, 3], device=DEVICE)
+    cu_seqlens = torch.tensor([0, 3])
     with pytest.raises(ValueError, match="NaN"):
         saei_fast.entropy_band_mask(packed, None, cu_seqlens=cu_seqlens, impl=impl)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_nan_at_masked_position_is_ignored(impl):
-    entropy = torch.tensor([[0.3, math.nan, 0.1, 0.2]], device=DEVICE)
-    mask = torch.tensor([[True, False, True, True]], device=DEVICE)
-    got = saei_fast.entropy_band_mask(entropy, mask, impl=impl)
-    assert got.cpu().tolist() == [[False, False, False, True]]
+def test_device_checks_fire_exactly_on_bad_values(monkeypatch):
+    """The branch CUDA tensors take (torch._assert_async, no host sync), run on the CPU,
+    where the same call raises at once: it must fire on NaN at a valid position and on bad
+    cu_seqlens, and stay quiet otherwise."""
+    monkeypatch.setattr(_checks, "checks_on_device", lambda tensor: True)
+    entropy = torch.tensor([[0.1, math.nan, 0.3]])
+    with pytest.raises(RuntimeError, match="saei_fast: entropy must not be NaN"):
+        saei_fast.entropy_band_mask(entropy, None)
+    quiet = saei_fast.entropy_band_mask(entropy, torch.tensor([[True, False, True]]))
+    assert quiet.tolist() == [[False, False, False]]
+    with pytest.raises(RuntimeError, match="saei_fast: cu_seqlens must start at 0"):
+        saei_fast.entropy_band_mask(torch.zeros(5), None, cu_seqlens=torch.tensor([0, 4, 3, 5]))
+    with pytest.raises(RuntimeError, match="end at 5"):
+        saei_fast.entropy_band_mask(torch.zeros(5), None, cu_seqlens=torch.tensor([0, 4]))
+    fine = saei_fast.entropy_band_mask(torch.zeros(5), None, cu_seqlens=torch.tensor([0, 2, 5]))
+    assert fine.tolist() == [False, False, False, True, False]  # n = 2: none; n = 3: rank 1
+
+
+def test_checks_on_device_only_for_cuda_unless_asked(monkeypatch):
+    cuda_tensor = type("FakeCuda", (), {"device": torch.device("cuda")})()
+    monkeypatch.delenv("SAEI_SYNC_CHECKS", raising=False)
+    assert _checks.checks_on_device(cuda_tensor)
+    assert not _checks.checks_on_device(torch.zeros(1))
+    monkeypatch.setenv("SAEI_SYNC_CHECKS", "1")
+    assert not _checks.checks_on_device(cuda_tensor)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on CUDA")
+@pytest.mark.parametrize("packed", [False, True])
+def test_public_op_never_syncs_on_cuda(packed):
+    from saei_fast.benchmarks.timing import count_host_syncs
+
+    gen = torch.Generator().manual_seed(2)
+    entropy = torch.rand(8, 300, generator=gen).cuda()
+    mask = (torch.rand(8, 300, generator=gen) < 0.8).cuda()
+    if packed:
+        counts = mask.sum(-1)
+        cu_seqlens = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        values = entropy[mask]  # boolean indexing syncs: done before the count
+
+        def call():
+            return saei_fast.entropy_band_mask(
+                values, None, scope="group", group_size=2, cu_seqlens=cu_seqlens
+            )
+    else:
+
+        def call():
+            return saei_fast.entropy_band_mask(entropy, mask, scope="group", group_size=2)
+
+    call()  # compile outside the count
+    assert count_host_syncs(call) == 0
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_nan_at_valid_position_with_masked_tokens(implementation):
+    """Without the check (torch.compile), a NaN at a valid position ranks above +inf and
+    masked tokens still do not count, also where masked tokens sit between valid NaN."""
+    values = torch.tensor([[math.nan, math.inf, 1.0, -7.0, math.nan, 0.5, math.nan]])
+    mask = torch.tensor([[1, 1, 1, 0, 1, 1, 0]], dtype=torch.bool)
+    # n = 5: 0.5, 1.0, +inf, NaN (position 0), NaN (position 4); band (0.5, 1): ranks 2..4
+    got = _select(implementation, values, mask, (0.5, 1.0))
+    assert got.int().tolist() == [[1, 1, 0, 0, 1, 0, 0]]
 
 
 @pytest.mark.parametrize("implementation", ["torch", "segment", "chunked"])
@@ -464,7 +659,7 @@ def test_objective_value_and_gradient(case):
 
 
 def test_objective_is_zero_without_selection():
-    entropy = torch.randn(3, 4, requires_grad=True)
+    entropy = torch.randn(3, 4, generator=torch.Generator().manual_seed(6), requires_grad=True)
     band_mask = torch.zeros(3, 4, dtype=torch.bool)
     value = saei_fast.band_entropy_objective(entropy, band_mask)
     value.backward()
@@ -522,3 +717,57 @@ def test_torch_compile_fullgraph():
     result.backward()
     torch.testing.assert_close(result, expected)
     torch.testing.assert_close(leaf.grad, eager_leaf.grad)
+
+
+# -------------------------------------------------------------------------------------------
+# Launch configuration: one choice for the launcher and the compile-time report
+# -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target_name", sorted(TARGETS))
+def test_benchmark_plans_are_the_launch_config(target_name):
+    target = TARGETS[target_name]
+    plans = benchmark_plans(target)
+    shapes = {(p.shape["B"], p.shape["T"]) for p in plans}
+    assert shapes == {(64, 4096), (16, 16384)}
+    for plan in plans:
+        names = set(plan.kernel.arg_names)
+        assert set(plan.signature) | set(plan.constexprs) == names
+        assert not set(plan.signature) & set(plan.constexprs)
+        assert plan.signature["values_ptr"] == "*fp32"  # the entropy ops return float32
+        assert set(plan.aligned) <= {n for n, t in plan.signature.items() if t.startswith("*")}
+        assert plan.extra["options"] == {"enable_fp_fusion": False}  # as the launch
+        rows, width = plan.shape["B"], plan.shape["T"]
+        seg_len = {"sequence": width, "group": 4 * width, "batch": rows * width}
+        n_segments = rows * width // seg_len[plan.extra["scope"]]
+        config = band_config(target, rows * width, n_segments)
+        assert plan.extra["schedule"] == config.schedule
+        assert plan.num_warps == config.num_warps
+        tile = plan.constexprs.get("TILE", plan.constexprs.get("CHUNK"))
+        assert tile == config.tile
+        per_segment = (
+            1 if config.schedule == "segment" else -(-seg_len[plan.extra["scope"]] // tile)
+        )
+        assert plan.grid == (n_segments * per_segment,)
+        # Warps of 32 lanes or wavefronts of 64: the same tokens per lane on every target.
+        assert tile // (plan.num_warps * target.warp_size) in (8, 16) or plan.num_warps == 1
+
+
+def test_launcher_launches_what_band_config_chooses(monkeypatch):
+    """band_select takes schedule, tile and warps from band_config (the function the plans
+    use): a configuration forced through it is what runs, and the answer stays exact."""
+    chosen = []
+
+    def forced(target, n_tokens, n_segments, *, schedule=None, tile=None):
+        chosen.append((target.name, n_tokens, n_segments, schedule, tile))
+        return band_kernels.BandConfig("chunked", 16, 1)
+
+    monkeypatch.setattr(band_kernels, "band_config", forced)
+    entropy, mask = _ranked_rows([7, 40, 0, 3], seed=9)
+    values, valid, seg_len, _ = flat_segments(
+        entropy.to(DEVICE), mask.to(DEVICE), None, "sequence", 1
+    )
+    got = band_select(values, valid, 1 / 3, 2 / 3, seg_len=seg_len)
+    assert chosen == [(band_kernels.target_for(values.device).name, 160, 4, None, None)]
+    expected = entropy_band_mask_reference(entropy, mask)
+    assert torch.equal(got.view(entropy.shape).cpu(), expected)

@@ -8,6 +8,7 @@ its table says, and that peers that cannot run here are reported as skipped with
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 
 import pytest
@@ -16,10 +17,13 @@ import torch
 from saei_fast.benchmarks import OPS, Case, Provider, cases_for, skip_reason
 from saei_fast.benchmarks.cases import prepare
 from saei_fast.cli import main
-from saei_fast.reference import logprobs_and_entropy_reference
+from saei_fast.reference import linear_entropy_reference, logprobs_and_entropy_reference
 
 CPU = torch.device("cpu")
-PROVIDERS = "ours,naive,chunked,chunked-trl,chunked-verl,liger-ce-loss,flash-attn-ce-loss"
+PROVIDERS = (
+    "ours,naive,chunked,chunked-trl,chunked-verl,compiled,trl-triton,liger-ce-loss,"
+    "flash-attn-ce-loss"
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +50,21 @@ def test_bench_writes_consistent_csv_and_json(bench_run):
     assert report["peaks"]["copy_GBps"] > 0 and report["peaks"]["matmul_TFLOPs"] > 0
 
     ok = {(r["provider"], r["mode"]): r for r in rows if r["status"] == "ok"}
-    assert set(ok) == {(p, m) for p, m in expected if "loss" not in p}
+    cuda_only = ("loss", "trl-triton")
+    assert set(ok) == {(p, m) for p, m in expected if not any(c in p for c in cuda_only)}
     for (_, mode), r in ok.items():
         assert r["shape"] == "16x2053" and r["dtype"] == "float32"
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
         logits_bytes = 16 * 2053 * 4
         assert r["bytes_moved"] == (logits_bytes if mode == "forward" else 3 * logits_bytes)
         assert r["GB/s"] == pytest.approx(r["bytes_moved"] / r["median_ms"] / 1e6, rel=0.01)
-        ours = ok[("ours", mode)]["median_ms"]
-        assert r["x_ours"] == pytest.approx(r["median_ms"] / ours, rel=0.01)
+        ours = ok[("ours", mode)]
+        assert r["x_ours"] == pytest.approx(r["median_ms"] / ours["median_ms"], rel=0.01)
         assert r["peak_memory_MiB"] >= 0
+        assert r["repeats"] == 3  # --quick on a CPU: 3 interleaved rounds
+        if r["provider"] != "ours":
+            overlap = r["min_ms"] <= ours["max_ms"] and ours["min_ms"] <= r["max_ms"]
+            assert r["noisy"] is overlap
     csv_ours = next(r for r in csv_rows if r["provider"] == "ours" and r["mode"] == "forward")
     assert float(csv_ours["median_ms"]) == ok[("ours", "forward")]["median_ms"]
     assert csv_ours["device"] == report["info"]["device"]
@@ -65,11 +74,11 @@ def test_missing_peers_are_skipped_with_reason(bench_run):
     _, out = bench_run
     rows = json.loads((out / "bench.json").read_text())["rows"]
     skipped = [r for r in rows if r["status"] == "skipped"]
-    assert {r["provider"] for r in skipped} == {"liger-ce-loss", "flash-attn-ce-loss"}
+    assert {r["provider"] for r in skipped} == {"liger-ce-loss", "flash-attn-ce-loss", "trl-triton"}
     for r in skipped:
         assert "runs only on CUDA" in r["reason"]
         assert "median_ms" not in r
-        assert r["kind"] == "loss-only peer"
+        assert r["kind"] == ("peer" if r["provider"] == "trl-triton" else "loss-only peer")
     table = (out / "bench.md").read_text()
     assert "### Entropy + label log-probs from logits" in table
     assert "liger-ce-loss (forward, forward+backward): skipped:" in table
@@ -105,7 +114,13 @@ def test_skip_reason_names_the_missing_package():
         (["--ops", "entropy", "--shapes", "16x0"], "positive integers"),
         (["--ops", "entropy", "--providers", "ourz"], "providers must be among"),
         (["--ops", "entropy", "--shapes", "4x4x4"], "no case matches"),
+        (["--ops", "entropy", "--shapes", ","], "--shapes is empty"),
+        (["--ops", "entropy", "--shapes", " "], "--shapes is empty"),
+        (["--ops", ",", "--shapes", "16x2053"], "--ops is empty"),
+        (["--ops", "entropy", "--shapes", "nonsense"], "shape 'nonsense' is malformed"),
+        (["--ops", "entropy", "--shapes", "entropy:16by2053"], "is malformed"),
         (["--ops", "entropy", "--threads", "0"], "--threads must be >= 1"),
+        (["--ops", "entropy", "--busy", "-1"], "--busy must be >= 0"),
         (["--shapes", "16x2053"], "fits several ops (entropy, band, attack)"),
         (["--ops", "entropy", "--device", "tpu"], "--device must be cpu or cuda"),
         (["--ops", "band", "--shapes", "entropy:16x2053"], "names op 'entropy'"),
@@ -113,28 +128,73 @@ def test_skip_reason_names_the_missing_package():
 )
 def test_bad_options_are_refused_before_timing(argv, message, capsys, tmp_path):
     assert main(["bench", "--device", "cpu", "--out", str(tmp_path), *argv]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.startswith("saei-fast bench: error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "bench.json").exists()
 
 
+def test_out_that_is_a_file_is_refused_before_any_case(capsys, tmp_path, monkeypatch):
+    import saei_fast.benchmarks.runner as runner
+
+    ran = []
+    monkeypatch.setattr(runner, "run_cases", lambda *a, **k: ran.append(1) or [])
+    target = tmp_path / "results"
+    target.write_text("not a directory")
+    for out in (target, target / "sub"):
+        argv = ["bench", "--device", "cpu", "--ops", "entropy", "--shapes", "4x64"]
+        assert main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("saei-fast bench: error: --out") and "is a file" in err
+    assert not ran
+
+
+def _per_row(outputs) -> tuple:
+    return tuple(outputs) if isinstance(outputs, (tuple, list)) else (None, outputs)
+
+
 def test_every_cpu_entropy_provider_computes_what_it_claims():
-    """The timed calls must compute the op: a provider that returned the wrong thing would
-    make a table meaningless."""
+    """The timed calls must compute the op, row by row: a provider that returned the wrong
+    thing would make a table meaningless. Every provider that runs here is checked,
+    the compiled one included, against float64 at float32-level tolerance."""
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(19, 2053, generator=gen) * 3
     labels = torch.randint(0, 2053, (19,), generator=gen)
     ref_logp, ref_ent = logprobs_and_entropy_reference(logits.double(), labels)
-    checked = 0
+    checked = set()
     for case in cases_for(["entropy"], CPU, shapes=["19x2053"]):
-        if case.mode != "forward" or skip_reason(case, CPU) or case.provider.name == "compiled":
+        if case.mode != "forward" or skip_reason(case, CPU):
             continue
-        got = prepare(case, {"logits": logits, "labels": labels})().double()
-        expected = ref_ent.sum()
+        if case.provider.kind == "loss-only peer":
+            continue  # a scalar loss, not per-row outputs (CUDA only anyway)
+        logp, ent = _per_row(prepare(case, {"logits": logits, "labels": labels})())
+        torch.testing.assert_close(ent.double(), ref_ent, atol=5e-5, rtol=1e-5, msg=case.id)
         if not case.provider.note.startswith("entropy only"):
-            expected = expected + ref_logp.sum()
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3, msg=case.id)
-        checked += 1
-    assert checked >= 6  # ours, naive, chunked, chunked-trl, chunked-verl (+ trl if installed)
+            torch.testing.assert_close(logp.double(), ref_logp, atol=5e-5, rtol=1e-5)
+        else:
+            assert logp is None, case.id
+        checked.add(case.provider.name)
+    expected = {"ours", "naive", "chunked", "chunked-trl", "chunked-verl", "compiled"}
+    assert expected <= checked, checked
+    assert "trl" in checked or importlib.util.find_spec("trl") is None
+
+
+def test_every_cpu_linear_provider_computes_what_it_claims():
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(13, 24, generator=gen)
+    weight = torch.randn(517, 24, generator=gen) * 24**-0.5
+    labels = torch.randint(0, 517, (13,), generator=gen)
+    truth = linear_entropy_reference(hidden.double(), weight.double())
+    checked = set()
+    for case in cases_for(["linear_entropy"], CPU, shapes=["13x24x517"]):
+        if case.mode != "forward" or skip_reason(case, CPU) or "loss" in case.provider.kind:
+            continue
+        inputs = {"hidden": hidden, "weight": weight, "labels": labels}
+        _, ent = _per_row(prepare(case, inputs)())
+        torch.testing.assert_close(ent.double(), truth, atol=5e-5, rtol=1e-5, msg=case.id)
+        checked.add(case.provider.name)
+    assert {"ours", "naive", "chunked"} <= checked, checked
+    assert "trl-chunked-logprob" in checked or importlib.util.find_spec("trl") is None
 
 
 def test_registry_shapes_and_work_formulas():

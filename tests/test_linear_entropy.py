@@ -37,6 +37,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning"),
 ]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -144,7 +145,7 @@ def test_frozen_head_computes_no_weight_gradient(monkeypatch):
     original = linear_module.linear_backward
 
     def spy(*args):
-        calls.append(args[-2:])  # (weight_grad, bias_grad)
+        calls.append(args[12:14])  # (weight_grad, bias_grad)
         return original(*args)
 
     monkeypatch.setattr(linear_module, "linear_backward", spy)
@@ -198,8 +199,9 @@ def test_real_vocabulary_on_the_torch_path():
 def test_low_precision_no_less_accurate_than_naive(variant, dtype):
     if INTERPRETING and dtype == torch.bfloat16 and variant == ("triton", True):
         # The interpreter's tl.dot reads bfloat16 operands as raw integers (a 16x16 product
-        # is off by 1e10); on a GPU this case runs.
-        pytest.skip("Triton interpreter: tl.dot on bfloat16 operands is wrong")
+        # is off by 1e10), and the op refuses the combination (tested above); on a GPU this
+        # case runs.
+        pytest.skip("Triton interpreter: tl.dot on bfloat16 operands is wrong (refused)")
     hidden, weight, bias = _inputs((2, 9), 40, 130, dtype=dtype, seed=2, scale=2.0)
     labels, _ = _labels_and_mask((2, 9), 130, seed=2)
     logp, ent = _run(variant, hidden, weight, labels, bias=bias, temperature=0.7)
@@ -322,6 +324,193 @@ def test_top_level_exports_are_the_ops():
     assert saei_fast.linear_logprobs_and_entropy is linear_logprobs_and_entropy
 
 
+@pytest.mark.skipif(not INTERPRETING, reason="only Triton's CPU interpreter is refused")
+@pytest.mark.parametrize("through", ["impl", "SAEI_IMPL"])
+def test_bfloat16_fused_kernels_refused_under_the_interpreter(through, monkeypatch):
+    """The interpreter computes tl.dot on bfloat16 operands wrongly: a clear error instead of
+    wrong numbers (the chunked variant has no tl.dot and still runs)."""
+    hidden, weight, _ = _inputs((3,), 16, 40, dtype=torch.bfloat16)
+    kwargs = {"impl": "triton"}
+    if through == "SAEI_IMPL":
+        monkeypatch.setenv("SAEI_IMPL", "triton")
+        kwargs = {}
+    with pytest.raises(ValueError, match=r"bfloat16 .*interpreter computes tl\.dot"):
+        linear_entropy(hidden, weight, **kwargs)
+    entropy = linear_logprobs_and_entropy_impl(hidden, weight, None, impl="triton", fused=False)[1]
+    assert torch.isfinite(entropy).all()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen-head", "trainable-head"])
+def test_masked_rows_get_zero_gradient_whatever_the_upstream_gradient(variant, trainable):
+    """sqrt(0) at a masked row makes its upstream gradient NaN (0 * inf); masked rows still
+    get exactly 0 and the weight gradient stays finite."""
+    hidden, weight, _ = _inputs((4,), 8, 16, seed=1)
+    mask = torch.tensor([True, False, True, False], device=DEVICE)
+    leaf = hidden.clone().requires_grad_(True)
+    head = weight.clone().requires_grad_(trainable)
+    entropy = _run(variant, leaf, head, None, mask=mask)[1]
+    (entropy.sqrt() * mask).sum().backward()
+    assert torch.all(leaf.grad[~mask] == 0)
+    assert torch.isfinite(leaf.grad).all()
+    truth = hidden.double().requires_grad_(True)
+    true_entropy = linear_entropy_reference(truth, weight, mask=mask)
+    (true_entropy[mask].sqrt()).sum().backward()
+    _close(leaf.grad, truth.grad, atol=2e-5, rtol=1e-4)
+    if trainable:
+        assert torch.isfinite(head.grad).all()
+
+
+@pytest.mark.parametrize("with_labels", [True, False], ids=["labels", "entropy-only"])
+def test_row_excluded_from_the_loss_contributes_nothing_on_every_path(with_labels):
+    """A NaN hidden row that the loss drops with torch.where (upstream gradient 0 there) is
+    treated as masked in the backward: hidden, weight and bias gradients are exactly those of
+    the other rows, the same on every path."""
+    hidden, weight, bias = _inputs((7,), 20, 37, seed=9)
+    hidden[3] = float("nan")
+    labels, _ = _labels_and_mask((7,), 37, seed=9)
+    keep = torch.ones(7, dtype=torch.bool, device=DEVICE)
+    keep[3] = False
+    grads = {}
+    for variant, name in zip(VARIANTS, VARIANT_IDS, strict=True):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        logp, ent = _run(
+            variant, leaves[0], leaves[1], labels if with_labels else None, bias=leaves[2]
+        )
+        assert torch.isnan(ent[3])
+        loss = torch.where(keep, ent, 0.0)
+        if with_labels:
+            loss = loss + torch.where(keep, logp, 0.0)
+        loss.sum().backward()
+        grads[name] = [leaf.grad for leaf in leaves]
+        assert all(torch.isfinite(g).all() for g in grads[name]), name
+        assert torch.all(grads[name][0][3] == 0), name
+    truth = [t.double().requires_grad_(True) for t in (hidden[keep], weight, bias)]
+    true_logp, true_ent = linear_logprobs_and_entropy_reference(
+        truth[0], truth[1], labels[keep], bias=truth[2]
+    )
+    (true_ent + (true_logp if with_labels else 0)).sum().backward()
+    for name, (g_hidden, g_weight, g_bias) in grads.items():
+        _close(g_hidden[keep], truth[0].grad, atol=2e-5, rtol=1e-4, msg=f"{name} hidden")
+        _close(g_weight, truth[1].grad, atol=2e-5, rtol=1e-4, msg=f"{name} weight")
+        _close(g_bias, truth[2].grad, atol=2e-5, rtol=1e-4, msg=f"{name} bias")
+
+
+def test_frozen_head_attack_path_row_excluded_from_the_loss():
+    """The attack's path (dH/dhidden computed in the forward): a NaN row dropped from the
+    loss gives a finite, exact gradient on every path."""
+    hidden, weight, _ = _inputs((6,), 16, 40, seed=2)
+    hidden[1] = float("nan")
+    keep = torch.arange(6, device=DEVICE) != 1
+    for variant, name in zip(VARIANTS, VARIANT_IDS, strict=True):
+        leaf = hidden.clone().requires_grad_(True)
+        entropy = _run(variant, leaf, weight, None)[1]
+        torch.where(keep, entropy, 0.0).sum().backward()
+        assert torch.all(leaf.grad[1] == 0), name
+        truth = hidden[keep].double().requires_grad_(True)
+        linear_entropy_reference(truth, weight).sum().backward()
+        _close(leaf.grad[keep], truth.grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+# -------------------------------------------------------------------------------------------
+# GEMMs along each path, counted (not assumed)
+# -------------------------------------------------------------------------------------------
+
+
+class _CountingKernel:
+    """Stands in for a Triton kernel: records the rows of each launch that runs tl.dot over
+    the whole of D x V (the forward; the gradient pass unless it reads kept logits)."""
+
+    def __init__(self, kernel, products: list):
+        self.kernel, self.products = kernel, products
+        self.arg_names = kernel.arg_names
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = dict(zip(self.kernel.arg_names, args, strict=False)) | kwargs
+            if not named.get("FROM_LOGITS", False):
+                self.products.append(named["n_rows"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def _count_gemms(monkeypatch, run, n_rows: int, d: int, v: int) -> float:
+    """GEMM-sized products (``2 * n_rows * d * v`` FLOPs each) that ``run()`` performs: the
+    Triton GEMM kernels' launches and every torch.mm / addmm, by their sizes."""
+    from saei_fast.kernels import linear_entropy as kernels
+
+    rows = []
+    for name in ("_linear_entropy_fwd_kernel", "_linear_entropy_grad_logits_kernel"):
+        monkeypatch.setattr(kernels, name, _CountingKernel(getattr(kernels, name), rows))
+    flops = []
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            a, b = [t for t in args if isinstance(t, torch.Tensor)][-2:]
+            flops.append(2 * a.shape[0] * a.shape[1] * b.shape[1])
+            return out
+
+        return wrapper
+
+    monkeypatch.setattr(torch, "mm", counted(torch.mm))
+    monkeypatch.setattr(torch, "addmm", counted(torch.addmm))
+    monkeypatch.setattr(torch.Tensor, "addmm_", counted(torch.Tensor.addmm_))
+    run()
+    monkeypatch.undo()
+    total = sum(flops) + sum(2 * r * d * v for r in rows)
+    return total / (2 * n_rows * d * v)
+
+
+@pytest.mark.parametrize(
+    "variant,path,chunk_rows,gemms",
+    [
+        # Training (trainable head, labels): forward, grad_hidden, grad_weight; the gradient
+        # pass reads the logits the forward kept.
+        (("triton", True), "train", None, 3.0),
+        # Rows beyond the kept chunk (24 rows, chunks of 16) are recomputed: 8/24 of a 4th.
+        (("triton", True), "train", 16, 3.0 + 8 / 24),
+        # The PyTorch path recomputes every row: 4.
+        (("torch", True), "train", None, 4.0),
+        # The attack (frozen head, entropy only): forward + dH/dhidden, 2 on both paths.
+        (("triton", True), "attack", None, 2.0),
+        (("torch", True), "attack", None, 2.0),
+    ],
+    ids=["fused-train", "fused-train-chunked", "torch-train", "fused-attack", "torch-attack"],
+)
+def test_gemms_along_each_path(variant, path, chunk_rows, gemms, monkeypatch):
+    n, d, v = 24, 20, 130
+    hidden, weight, _ = _inputs((n,), d, v, seed=6)
+    labels, _ = _labels_and_mask((n,), v, seed=6)
+
+    def run():
+        leaf = hidden.clone().requires_grad_(True)
+        head = weight.clone().requires_grad_(path == "train")
+        logp, ent = _run(
+            variant, leaf, head, labels if path == "train" else None, chunk_rows=chunk_rows
+        )
+        (ent if logp is None else ent + logp).sum().backward()
+
+    assert _count_gemms(monkeypatch, run, n, d, v) == pytest.approx(gemms)
+
+
+def test_kept_logits_are_used_once_then_recomputed():
+    """A second backward through the same graph (retain_graph) must not read the gradient
+    the first one wrote over the kept logits."""
+    hidden, weight, bias = _inputs((9,), 20, 37, seed=4)
+    labels, mask = _labels_and_mask((9,), 37, seed=4)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    logp, ent = _run(("triton", True), *leaves, labels, bias=bias, mask=mask)
+    (ent + logp).sum().backward(retain_graph=True)
+    first = [leaf.grad.clone() for leaf in leaves]
+    for leaf in leaves:
+        leaf.grad = None
+    (ent + logp).sum().backward()
+    for once, again in zip(first, (leaf.grad for leaf in leaves), strict=True):
+        torch.testing.assert_close(again, once, atol=1e-6, rtol=1e-5)
+
+
 # -------------------------------------------------------------------------------------------
 # Kernel level: 16-wide tiles, several vocabulary splits
 # -------------------------------------------------------------------------------------------
@@ -414,6 +603,112 @@ def test_real_vocabulary_kernels_with_wide_tiles():
     _close(out, logits.grad, atol=1e-7, rtol=1e-4)
 
 
+def test_forward_keeps_logits_that_the_gradient_pass_reads_back():
+    """logits_out holds the first rows' logits (positions in ``rows``); the gradient pass
+    over them equals the one that recomputes them."""
+    from saei_fast.kernels.linear_entropy import linear_entropy_fwd, linear_entropy_grad_logits
+
+    v = 37
+    hidden, weight, bias = _inputs((21,), 20, v, seed=8)
+    labels, _ = _labels_and_mask((21,), v, seed=8)
+    rows = torch.arange(1, 21, 2, device=DEVICE)  # 10 rows; the first 6 are kept
+    kept = torch.full((6, v), float("nan"), device=DEVICE)
+    ent, _, stats = linear_entropy_fwd(
+        hidden, weight, bias, rows, labels, 1.25, logits_out=kept, blocks=(16, 16, 16),
+        num_splits=2,
+    )  # fmt: skip
+    logits = hidden.double() @ weight.double().t() + bias.double()
+    _close(kept, logits[rows[:6]], atol=1e-5, rtol=1e-6)
+    g_entropy = torch.randn(21, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    g_logprobs = torch.randn(21, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    args = (hidden, weight, bias, rows, 0, labels, ent, stats, g_entropy, g_logprobs, 1.25)
+    recomputed = linear_entropy_grad_logits(*args, torch.empty(6, v), blocks=(16, 16, 16))
+    read_back = linear_entropy_grad_logits(*args, kept, from_logits=True, blocks=(16, 16, 16))
+    assert read_back.data_ptr() == kept.data_ptr()
+    torch.testing.assert_close(read_back, recomputed, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("target_name", ["sm_90", "sm_80", "gfx942", "gfx90a"])
+def test_benchmark_plans_keep_the_gpu_busy(target_name):
+    """Every launch of the benchmark shapes keeps >= 90% of the GPU's resident slots busy
+    until its last tile; the forward's persistent grid never exceeds the resident programs;
+    the training path runs 3 GEMMs while the kept chunk covers the rows (N <= 3456 here)."""
+    from saei_fast.kernels._plan import TARGETS
+    from saei_fast.kernels.linear_entropy import benchmark_plans
+
+    target = TARGETS[target_name]
+    plans = benchmark_plans(target)
+    roles = {plan.role for plan in plans}
+    assert {"forward", "backward", "backward-from-logits", "frozen-head"} <= roles
+    assert len({(p.shape["N"], p.shape["D"]) for p in plans if p.role == "forward"}) == 10
+    for plan in plans:
+        if "wave_efficiency" in plan.extra:
+            assert plan.extra["wave_efficiency"] >= 0.90, (plan.role, plan.shape)
+        if plan.kernel.__name__ == "_linear_entropy_fwd_kernel":
+            assert plan.grid[0] <= target.sm_count * plan.extra["ctas_per_sm"]
+        if plan.role == "forward":
+            expected = (
+                3.0 if plan.shape["N"] <= 3456 else 3.0 + (plan.shape["N"] - 3456) / plan.shape["N"]
+            )
+            assert plan.extra["gemms"] == pytest.approx(expected)
+            assert plan.flops == 2 * plan.shape["N"] * plan.shape["D"] * plan.shape["V"]
+
+
+@pytest.mark.parametrize("target_name", ["sm_90", "gfx942"])
+@pytest.mark.parametrize("n_rows", [1, 100, 3000, 5000, 20000, 38413])
+def test_forward_schedule_for_any_row_count(target_name, n_rows):
+    """Odd token counts too: the persistent grid is chosen per launch, not per shape list."""
+    from saei_fast.kernels._linear_config import fwd_schedule, gemm_config
+    from saei_fast.kernels._plan import TARGETS
+
+    target = TARGETS[target_name]
+    config = gemm_config(target, torch.bfloat16)
+    schedule = fwd_schedule(target, config, n_rows, 151936)
+    assert schedule.grid[0] <= target.sm_count * config.ctas_per_sm
+    assert schedule.wave_efficiency >= 0.95
+
+
+_COMPILE_SCRIPT = """
+import json, sys, tempfile
+from saei_fast.kernel_report.compile import compile_plan, plans_of
+
+module = "saei_fast.kernels.linear_entropy"
+out, results = tempfile.mkdtemp(), {}
+for case in sys.argv[1:]:
+    target, role = case.split("/")
+    plans = plans_of(module, target)
+    index = next(i for i, plan in enumerate(plans) if plan.role == role)
+    fields = compile_plan(module, index, target, out)
+    fields = {k: fields[k] for k in ("ctas_per_sm", "spill_bytes", "mma")}
+    results[case] = {**fields, "table": plans[index].extra["ctas_per_sm"]}
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton.backends.nvidia") is None
+    or importlib.util.find_spec("triton.backends.amd") is None,
+    reason="Triton without its CUDA and AMD backends",
+)
+def test_compiled_kernels_match_the_configuration_table():
+    """Compiled for each target exactly as the plans launch them (aligned, contiguous): no
+    spills, tensor-core instructions (wgmma on sm_90, mma on sm_80, MFMA on AMD), and the
+    resident programs per SM / CU that the persistent schedule is sized with."""
+    # The forward (the kernel the persistent schedule is sized for) on every target; the
+    # memory-bound pass over kept logits on one NVIDIA and one AMD target. The recompute
+    # pass shares the forward's configuration (the report compiles every plan).
+    cases = ["sm_90/forward", "sm_80/forward", "gfx942/forward", "gfx90a/forward"]
+    cases += ["sm_90/backward-from-logits", "gfx942/backward-from-logits"]
+    env = {"TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    results = run_isolated(_COMPILE_SCRIPT, *cases, env=env)
+    mma = {"sm_90": "wgmma", "sm_80": "mma", "gfx942": "mfma", "gfx90a": "mfma"}
+    for key, fields in results.items():
+        target, role = key.split("/")
+        assert fields["spill_bytes"] == 0, (key, fields)
+        assert fields["ctas_per_sm"] == fields["table"], (key, fields)
+        assert fields["mma"] == ("none" if role == "backward-from-logits" else mma[target]), key
+
+
 # -------------------------------------------------------------------------------------------
 # Argument checks: clear errors before any work
 # -------------------------------------------------------------------------------------------
@@ -456,7 +751,8 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, match):
 def test_masked_labels_may_be_padding():
     mask = torch.tensor([[True, False, True], [True, True, False]])
     labels = torch.where(mask, 3, -100)
-    logp, _ = linear_logprobs_and_entropy(torch.randn(2, 3, 8), _W, labels, mask=mask)
+    hidden = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    logp, _ = linear_logprobs_and_entropy(hidden, _W, labels, mask=mask)
     assert torch.all(logp[~mask] == 0)
 
 
@@ -482,7 +778,10 @@ def peak(n, provider, path):
     def fn(h):
         if provider == "naive":
             return naive_linear_entropy(h, weight).sum()
-        logp, ent = linear_logprobs_and_entropy_impl(h, weight, labels, impl="torch", chunk_rows=32)
+        chunk_rows = None if provider == "default" else 32
+        logp, ent = linear_logprobs_and_entropy_impl(
+            h, weight, labels, impl="torch", chunk_rows=chunk_rows
+        )
         return ent.sum() if logp is None else ent.sum() + logp.sum()
 
     def run():
@@ -513,9 +812,17 @@ def _peaks(*cases: str) -> dict:
 )
 def test_cpu_extra_memory_is_bounded_by_the_chunk():
     """Forward + backward to hidden with a frozen lm_head (and, with labels, the recompute
-    path): peak extra memory is a small fraction of naive's and does not grow with N."""
-    peaks = _peaks("512,naive,frozen", "128,ours,frozen", "512,ours,frozen", "512,ours,labels")
-    naive, small, large, recompute = peaks.values()
+    path): peak extra memory is a small fraction of naive's and does not grow with N, with a
+    given chunk size and with the default one."""
+    peaks = _peaks(
+        "512,naive,frozen",
+        "128,ours,frozen",
+        "512,ours,frozen",
+        "512,ours,labels",
+        "1024,default,labels",
+        "2048,default,labels",
+    )
+    naive, small, large, recompute, default_small, default_large = peaks.values()
     chunk_buffer = 32 * 32000 * 4
     # Naive keeps several [N, V] tensors (the logits alone are 512 x 32000 x 4 bytes); ours
     # two or three [32, V] chunk buffers.
@@ -525,3 +832,9 @@ def test_cpu_extra_memory_is_bounded_by_the_chunk():
     # 4x the rows: the chunk buffers do not grow (a 1 MiB allowance for the [N, D] and [N]
     # outputs and allocator rounding).
     assert large < small + 2**20, peaks
+    # The default chunk size (no chunk_rows): with d = 64, V = 32000 the 256 MiB CPU budget
+    # holds 699 rows, so both N span several chunks, and 2x the rows needs no more memory
+    # (4 MiB for the growing [N, D] / [N] tensors, far below one more [1024, V] buffer of
+    # 131 MB); an unbounded default would hold 2 x 3 [N, V] fp32 buffers at N = 2048.
+    assert default_large < default_small + 4 * 2**20, peaks
+    assert default_small < 3.5 * 699 * 32000 * 4, peaks

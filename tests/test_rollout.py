@@ -75,8 +75,26 @@ def test_group_advantages_reject_bad_arguments():
         saei_fast.group_advantages(rewards, 2, scale=1)
     with pytest.raises(ValueError, match=r"eps must be finite and >= 0, got -1\.0"):
         saei_fast.group_advantages(rewards, 2, eps=-1.0)
-    with pytest.raises(ValueError, match="rewards must not be NaN"):
+    with pytest.raises(ValueError, match="rewards must be finite, got nan"):
         saei_fast.group_advantages(torch.tensor([0.0, float("nan")]), 2)
+    for bad in (float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match=r"rewards must be finite, got -?inf at index 1"):
+            saei_fast.group_advantages(torch.tensor([1.0, bad, 0.0, 1.0]), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_group_advantages_of_half_precision_rewards_compute_in_float32(dtype):
+    # fp16 holds +-60000, but their sum of squares (the std) overflows it: in fp16 the
+    # advantages would come out 0 (or NaN). bf16 has the range but only 8 bits of mantissa.
+    rewards = torch.tensor([60000.0, -60000.0, 30000.0, 1.0, 2.0, 4.0], dtype=dtype)
+    got = saei_fast.group_advantages(rewards, 3)
+    want = group_advantages_reference(rewards, 3)
+    assert got.dtype == dtype
+    assert bool(torch.isfinite(got).all()) and bool((got != 0).all())
+    # One rounding to the output dtype on top of the float32 arithmetic.
+    torch.testing.assert_close(
+        got.double(), want, rtol=2**-8 if dtype == torch.bfloat16 else 2**-11, atol=0
+    )
 
 
 # ---- saei_rollout -----------------------------------------------------------------------------

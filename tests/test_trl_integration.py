@@ -18,13 +18,26 @@ import torch
 import trl
 from packaging.version import Version
 from trl import GRPOConfig
+from trl_helpers import (
+    ALPHA,
+    GROUP,
+    N_ADV,
+    N_CLEAN,
+    FakeVLLMServer,
+    ModelRecorder,
+    Rewards,
+    capture_scored_batches,
+    image_blocks,
+    index_of,
+    make_config,
+    no_stop_tokens,
+)
 
 import saei_fast
-from saei_fast.demo.model import demo_model, demo_processor, vision_token_ids
+from saei_fast.demo.model import demo_model, demo_processor
 from saei_fast.demo.task import colour_examples, task_words, to_dataset
 from saei_fast.integrations.trl import (
     SUPPORTED_TRL,
-    SaEIConfig,
     SaEIGRPOTrainer,
     check_whole_groups_per_process,
 )
@@ -33,11 +46,6 @@ from saei_fast.integrations.trl import (
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*is deprecated and will be removed in v6:FutureWarning"
 )
-
-N_CLEAN, N_ADV = 2, 2
-GROUP = N_CLEAN + N_ADV
-ALPHA = 8 / 255
-PATCHES = 16  # a 56 x 56 image: 4 x 4 patches of 14 pixels
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,120 +68,17 @@ def examples():
     return colour_examples(2, seed=3)
 
 
-def no_stop_tokens(model, processor) -> list[int]:
-    """Vision placeholders (never sampled) and every stop/special token, so that every
-    completion has exactly max_completion_length ordinary words: distinct enough across
-    rows to tell which generate call produced which row."""
-    tokenizer = processor.tokenizer
-    special = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens]
-    return sorted(set(vision_token_ids(model)) | set(special))
-
-
-def make_config(tmp_path, **overrides) -> SaEIConfig:
-    settings = dict(
-        output_dir=str(tmp_path),
-        num_generations=GROUP,
-        saei_n_clean=N_CLEAN,
-        saei_n_adv=N_ADV,
-        saei_alpha=ALPHA,
-        per_device_train_batch_size=2 * GROUP,
-        max_completion_length=4,
-        max_steps=2,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        loss_type="grpo",
-        beta=0.0,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    settings.update(overrides)
-    return SaEIConfig(**settings)
-
-
-class Rewards:
-    """A reward that varies across completions (sum of ids mod 5), recorded per call."""
-
-    __name__ = "id_sum_reward"
-
-    def __init__(self) -> None:
-        self.calls = []
-
-    def __call__(self, completion_ids, **_):
-        values = [float(sum(ids) % 5) / 4 for ids in completion_ids]
-        self.calls.append(values)
-        return values
-
-
-class ModelRecorder:
-    """Records every ``generate`` call (inputs and output) and the pixel values of every
-    forward pass with gradients outside generation (the policy-loss forwards)."""
-
-    def __init__(self, model) -> None:
-        self.generate_calls, self.loss_pixels = [], []
-        self._generating = False
-        original = model.generate
-
-        def generate(*args, **kwargs):
-            self._generating = True
-            try:
-                output = original(*args, **kwargs)
-            finally:
-                self._generating = False
-            self.generate_calls.append(
-                {
-                    "input_ids": kwargs["input_ids"].clone(),
-                    "pixel_values": kwargs["pixel_values"].clone(),
-                    "image_grid_thw": kwargs["image_grid_thw"].clone(),
-                    "completions": output[:, kwargs["input_ids"].shape[1] :].clone(),
-                }
-            )
-            return output
-
-        model.generate = generate  # this instance only
-        model.register_forward_pre_hook(self._forward, with_kwargs=True)
-
-    def _forward(self, _module, _args, kwargs):
-        if not self._generating and torch.is_grad_enabled() and "pixel_values" in kwargs:
-            self.loss_pixels.append(kwargs["pixel_values"].detach().clone())
-
-
-def capture_scored_batches(trainer) -> list[dict]:
-    """The output of every ``_generate_and_score_completions`` call (rows in generation
-    order, before TRL shuffles them)."""
-    outputs = []
-    original = trainer._generate_and_score_completions
-
-    def capture(inputs):
-        output = original(inputs)
-        outputs.append({k: v.clone() if torch.is_tensor(v) else v for k, v in output.items()})
-        return output
-
-    trainer._generate_and_score_completions = capture
-    return outputs
-
-
-def image_blocks(pixel_values: torch.Tensor) -> list[torch.Tensor]:
-    return list(pixel_values.split(PATCHES))
-
-
-def index_of(block: torch.Tensor, candidates: list[torch.Tensor]) -> int:
-    matches = [i for i, c in enumerate(candidates) if torch.equal(block, c)]
-    assert len(matches) == 1, "a row's pixels are none (or several) of the expected images"
-    return matches[0]
-
-
 # ---- a real SaEI training run, recorded ------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def saei_run(processor, examples, tmp_path_factory):
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def saei_run(processor, examples, tmp_path_factory, monkeypatch_module):
     model = demo_model(processor, hidden_size=32, seed=0)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     recorder = ModelRecorder(model)
@@ -190,10 +95,14 @@ def saei_run(processor, examples, tmp_path_factory):
         processing_class=processor,
     )
     scored = capture_scored_batches(trainer)
+    attacks = record_attacks(monkeypatch_module)
+    losses = record_loss_entropies(trainer)
     trainer.train()
     clean = processor.image_processor([e.image for e in examples], return_tensors="pt")
     return {
         "trainer": trainer,
+        "attacks": attacks,
+        "losses": losses,
         "recorder": recorder,
         "rewards": rewards,
         "scored": scored,
@@ -286,6 +195,80 @@ def test_training_logs_saei_metrics_and_updates_the_model(saei_run):
     assert any(changed)
 
 
+def test_logged_attack_metrics_are_the_attacks_results(saei_run):
+    """saei/* values against what entropy_attack returned and what the loss computed."""
+    trainer = saei_run["trainer"]
+    logs = [entry for entry in trainer.state.log_history if "reward" in entry]
+    calls = saei_run["recorder"].generate_calls
+    assert len(saei_run["attacks"]) == len(logs) == 2
+    for step, (entry, attack) in enumerate(zip(logs, saei_run["attacks"], strict=True)):
+        result = attack["result"]
+        assert attack["config"].perturbation == "entropy" and attack["generator"] is None
+        assert entry["saei/entropy_before"] == pytest.approx(result.entropy_before, rel=1e-12)
+        assert entry["saei/entropy_after"] == pytest.approx(result.entropy_after, rel=1e-12)
+        assert result.entropy_after != pytest.approx(result.entropy_before, rel=1e-6)
+        gain = entry["saei/entropy_after"] - entry["saei/entropy_before"]
+        assert entry["saei/entropy_gain"] == pytest.approx(gain, rel=1e-9)
+        assert entry["saei/selected_tokens"] == result.num_selected
+        relative = (result.group_entropy_after / result.group_entropy_before - 1).tolist()
+        assert len(relative) == 2  # two groups, one median of two
+        assert entry["saei/entropy_gain_relative"] == pytest.approx(sum(relative) / 2, rel=1e-6)
+        negative = sum(value < 0 for value in relative) / 2
+        assert entry["saei/gain_negative_fraction"] == pytest.approx(negative)
+
+        # Distinct completions per group, from what generate returned.
+        clean, adv = calls[2 * step]["completions"], calls[2 * step + 1]["completions"]
+        for name, rows, n in (("clean", clean, N_CLEAN), ("adv", adv, N_ADV)):
+            distinct = [len({tuple(r.tolist()) for r in rows[g * n : (g + 1) * n]}) for g in (0, 1)]
+            assert entry[f"saei/distinct_{name}"] == pytest.approx(sum(distinct) / 2)
+
+        # The loss forward's entropy, split by row kind; TRL's value is their token mean.
+        loss = saei_run["losses"][step]
+        adversarial = loss["inputs"]["saei_is_adversarial"][:, None]
+        mask = loss["inputs"]["completion_mask"].bool()
+        entropies = loss["entropies"].double()
+        for name, rows in (("clean", mask & ~adversarial), ("adv", mask & adversarial)):
+            expected = float((entropies * rows).sum() / rows.sum())
+            assert entry[f"saei/entropy_{name}_rows"] == pytest.approx(expected, rel=1e-6)
+        assert entry["entropy"] == pytest.approx(float(entropies[mask].mean()), rel=1e-6)
+        clean_rows, adv_rows = entry["saei/entropy_clean_rows"], entry["saei/entropy_adv_rows"]
+        assert clean_rows != pytest.approx(adv_rows, rel=1e-6)
+
+
+def record_attacks(monkeypatch) -> list[dict]:
+    """Every entropy_attack call the trainer makes: its config, generator and result."""
+    import saei_fast.integrations.trl as integration
+
+    calls, original = [], integration.entropy_attack
+
+    def recording(*args, config, generator=None, **kwargs):
+        result = original(*args, config=config, generator=generator, **kwargs)
+        calls.append({"config": config, "generator": generator, "result": result})
+        return result
+
+    monkeypatch.setattr(integration, "entropy_attack", recording)
+    return calls
+
+
+def record_loss_entropies(trainer) -> list[dict]:
+    """The inputs of every loss forward and the entropies it computed (per micro-batch)."""
+    records = []
+    compute_loss, per_token = trainer.compute_loss, trainer._get_per_token_logps_and_entropies
+
+    def loss(model, inputs, *args, **kwargs):
+        records.append({"inputs": {k: v for k, v in inputs.items() if torch.is_tensor(v)}})
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    def logps(*args, **kwargs):
+        output = per_token(*args, **kwargs)
+        if kwargs.get("compute_entropy"):
+            records[-1]["entropies"] = output[1].detach().clone()
+        return output
+
+    trainer.compute_loss, trainer._get_per_token_logps_and_entropies = loss, logps
+    return records
+
+
 def test_vanilla_switch_generates_every_row_from_the_clean_image(processor, examples, tmp_path):
     model = demo_model(processor, hidden_size=32, seed=0)
     recorder = ModelRecorder(model)
@@ -307,45 +290,6 @@ def test_vanilla_switch_generates_every_row_from_the_clean_image(processor, exam
 
 
 # ---- vLLM importance-sampling correction -----------------------------------------------------
-
-
-class FakeVLLMServer:
-    """Stands in for TRL's ``VLLMGeneration`` in server mode (vLLM is not installed here),
-    with its contract: prompts and images arrive as runs of ``num_generations`` copies, and
-    like the server it keeps each run's first prompt and image and samples
-    ``num_generations`` completions for it. It returns the log-probs of the sampled tokens
-    under the image it was given, as vLLM does."""
-
-    def __init__(self, model, processor, max_tokens: int) -> None:
-        self.model, self.processor, self.max_tokens = model, processor, max_tokens
-        self.calls = []
-
-    def sync_weights(self) -> None:
-        pass
-
-    @torch.no_grad()
-    def generate(self, prompts, images, num_generations, profiler=None):
-        self.calls.append({"prompts": prompts, "images": images, "n": num_generations})
-        prompts = [p for p in prompts[::num_generations] for _ in range(num_generations)]
-        images = [i for i in images[::num_generations] for _ in range(num_generations)]
-        flat = [image for row in images for image in row]
-        pixels = self.processor.image_processor(flat, return_tensors="pt")
-        input_ids = torch.tensor(prompts)  # one question: all prompts have the same length
-        mm_types = (input_ids == self.model.config.image_token_id).long()
-        inputs = dict(pixels, input_ids=input_ids, mm_token_type_ids=mm_types)
-        output = self.model.generate(
-            **inputs,
-            do_sample=True,
-            max_new_tokens=self.max_tokens,
-            suppress_tokens=no_stop_tokens(self.model, self.processor),
-        )
-        completions = output[:, input_ids.shape[1] :]
-        inputs["input_ids"] = output
-        inputs["mm_token_type_ids"] = torch.cat([mm_types, torch.zeros_like(completions)], 1)
-        logits = self.model(**inputs).logits[:, input_ids.shape[1] - 1 : -1].float()
-        logps = logits.log_softmax(-1).gather(-1, completions[..., None]).tolist()
-        self.calls[-1]["logps"] = logps
-        return prompts, completions.tolist(), logps, None
 
 
 def test_vllm_importance_sampling_keeps_adversarial_rows(processor, examples, tmp_path):

@@ -4,8 +4,8 @@ Latency-bound (a few bytes per token): the numbers that matter are ms and host s
 minimum bytes are reading entropy and mask and writing the mask once. Providers are named
 ``<name>-<scope>``; each is compared with ours at the same scope:
 
-  ours            saei_fast.entropy_band_mask (argument checks + the select; the NaN check is
-                  its one host sync)
+  ours            saei_fast.entropy_band_mask (argument checks + the select; no host sync on
+                  CUDA, where the value checks are device-side assertions)
   ours-nocheck    the registered op alone, as torch.compile runs it (no checks)
   ours-torch      our sort-based PyTorch path on the same device (the CPU implementation)
   torch-sort      per-row torch.sort + rank bounds (sequence scope)

@@ -13,6 +13,7 @@ skipped case whose reason says why (``skip_reason``), never a silent omission or
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,8 +24,10 @@ FORWARD, FORWARD_BACKWARD, CALL = "forward", "forward+backward", "call"
 
 @dataclass(frozen=True)
 class Provider:
-    """One way of computing an op. ``make()`` returns ``fn(**inputs) -> Tensor`` (a scalar
-    where the case runs backward); it runs only for cases that are not skipped, so peers are
+    """One way of computing an op. ``make()`` returns ``fn(**inputs)``: the per-row outputs
+    (a tensor, or a tuple such as ``(logprobs, entropy)``; loss-only peers return their
+    scalar loss), which the provider checks compare row by row and ``forward+backward``
+    sums into a scalar loss. ``make`` runs only for cases that are not skipped, so peers are
     imported only when present."""
 
     name: str
@@ -115,6 +118,11 @@ def _shapes_by_op(names: list[str], shapes: list[str], explicit_ops: bool) -> di
     by_op: dict[str, list[tuple[int, ...]]] = {}
     for text in shapes:
         op_name, _, dims = text.rpartition(":")
+        if not re.fullmatch(r"\d+(x\d+)*", dims.lower()):
+            raise ValueError(
+                f"shape {text!r} is malformed: write it as sizes joined by 'x', e.g. 512x32000 "
+                "or entropy:512x32000"
+            )
         if op_name:
             if op_name not in names:
                 raise ValueError(f"shape {text!r} names op {op_name!r}, not among {names}")
@@ -151,7 +159,9 @@ def cases_for(
         bad = [p for p in providers if p not in known]
         if bad:
             raise ValueError(f"providers must be among {sorted(known)}, got {bad}")
-    custom = _shapes_by_op(names, shapes, ops is not None) if shapes else None
+    if shapes is not None and not shapes:
+        raise ValueError("shapes is empty: give at least one shape, e.g. 512x32000")
+    custom = _shapes_by_op(names, shapes, ops is not None) if shapes is not None else None
     result = []
     for name in names:
         op = OPS[name]
@@ -165,6 +175,13 @@ def cases_for(
                         continue
                     result.append(Case(op, provider, dims, mode))
     return result
+
+
+def scalar_loss(outputs) -> torch.Tensor:
+    """The sum of a provider's outputs (a tensor or a tuple of them) in float32: the loss
+    its ``forward+backward`` case differentiates."""
+    parts = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    return sum(t.float().sum() for t in parts if t is not None)
 
 
 def prepare(case: Case, inputs: dict) -> Callable[[], object]:
@@ -184,7 +201,7 @@ def prepare(case: Case, inputs: dict) -> Callable[[], object]:
 
         def forward_backward():
             leaf.grad = None
-            fn(**leaf_inputs).backward()
+            scalar_loss(fn(**leaf_inputs)).backward()
 
         return forward_backward
     return lambda: fn(**inputs)
@@ -195,8 +212,9 @@ def _registry() -> dict[str, OpBench]:
     from saei_fast.benchmarks.band_cases import BAND_MASK
     from saei_fast.benchmarks.entropy_cases import ENTROPY
     from saei_fast.benchmarks.linear_cases import LINEAR_ENTROPY
+    from saei_fast.benchmarks.loss_head_cases import LOSS_HEAD
 
-    return {op.name: op for op in (ENTROPY, LINEAR_ENTROPY, BAND_MASK, ATTACK)}
+    return {op.name: op for op in (ENTROPY, LINEAR_ENTROPY, BAND_MASK, ATTACK, LOSS_HEAD)}
 
 
 OPS: dict[str, OpBench] = _registry()

@@ -5,10 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def _split(text: str | None) -> list[str] | None:
-    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+    """``"a, b"`` -> ``["a", "b"]``; None stays None, but ``","`` or ``" "`` gives ``[]`` (an
+    option given with nothing in it is an error, not the default)."""
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _error(message: str) -> int:
+    print(f"saei-fast bench: error: {message}", file=sys.stderr)
+    return 2
 
 
 def add_bench_parser(commands) -> None:
@@ -44,6 +52,13 @@ def add_bench_parser(commands) -> None:
         "that dominate small ops on an oversubscribed CPU",
     )
     parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="start this many busy-looping processes for the run (a deliberately "
+        "oversubscribed machine, to compare against a quiet run)",
+    )
+    parser.add_argument(
         "--refresh-peaks", action="store_true", help="re-measure the cached CUDA peaks"
     )
     parser.set_defaults(run=bench)
@@ -56,6 +71,7 @@ def bench(args: argparse.Namespace) -> int:
     from saei_fast.benchmarks.peaks import device_peaks
     from saei_fast.benchmarks.report import tables, write_outputs
     from saei_fast.benchmarks.runner import run_cases, run_info
+    from saei_fast.benchmarks.timing import busy_processes
 
     device_text = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -63,16 +79,21 @@ def bench(args: argparse.Namespace) -> int:
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        message = f"--device must be cpu or cuda, got {device_text!r}"
-        print(f"saei-fast bench: {message}", file=sys.stderr)
-        return 2
+        return _error(f"--device must be cpu or cuda, got {device_text!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("saei-fast bench: --device cuda, but no CUDA device is available", file=sys.stderr)
-        return 2
+        return _error("--device cuda, but no CUDA device is available")
+    if args.threads is not None and args.threads < 1:
+        return _error(f"--threads must be >= 1, got {args.threads}")
+    if args.busy < 0:
+        return _error(f"--busy must be >= 0, got {args.busy}")
+    out = Path(args.out)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # checked now, not after every case has run
+        return _error(f"--out {args.out!r}: {str(blocking)!r} is a file, not a directory")
+    for option in ("ops", "shapes", "providers"):
+        if getattr(args, option) is not None and not _split(getattr(args, option)):
+            return _error(f"--{option} is empty: leave it out for the default, or name one")
     if args.threads is not None:
-        if args.threads < 1:
-            print(f"saei-fast bench: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            return 2
         torch.set_num_threads(args.threads)
     try:
         cases = cases_for(
@@ -83,16 +104,15 @@ def bench(args: argparse.Namespace) -> int:
             providers=_split(args.providers),
         )
     except ValueError as error:
-        print(f"saei-fast bench: {error}", file=sys.stderr)
-        return 2
+        return _error(str(error))
     if not cases:
-        print("saei-fast bench: no case matches --ops/--shapes/--providers", file=sys.stderr)
-        return 2
+        return _error("no case matches --ops/--shapes/--providers")
     start = time.perf_counter()
     print(f"measuring {device} peaks ...", file=sys.stderr, flush=True)
     peaks = device_peaks(device, refresh=args.refresh_peaks)
-    rows = run_cases(cases, device, quick=args.quick, peaks=peaks)
-    info = run_info(device)
+    with busy_processes(args.busy):
+        rows = run_cases(cases, device, quick=args.quick, peaks=peaks)
+    info = {**run_info(device), "busy_processes": args.busy, "threads": torch.get_num_threads()}
     print(tables(rows, info, peaks))
     paths = write_outputs(args.out, rows, info, peaks)
     print(

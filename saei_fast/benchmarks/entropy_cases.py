@@ -3,15 +3,18 @@
 Memory-bound: the floor is reading the logits once (forward), and reading them again plus
 writing their gradient (backward). Providers:
 
-  ours            saei_fast.logprobs_and_entropy (Triton on CUDA, chunked PyTorch on CPU)
+  ours            saei_fast.logprobs_and_entropy (Triton on CUDA; on a CPU the PyTorch path,
+                  compiled by Inductor)
   naive           eager full softmax / log_softmax in the logits' dtype
   chunked         128-row chunks upcast to float32: entropy and the label's log-prob
   chunked-trl     TRL's published algorithm: 128-row chunks in the logits' dtype,
                   ``-(exp(log_softmax) * log_softmax).sum``; entropy only
   chunked-verl    verl's published algorithm: 2048-row chunks upcast to float32,
                   ``logsumexp - sum(softmax * logits)``; entropy only
-  compiled        torch.compile of the naive version
-  trl             TRL's own ``entropy_from_logits`` (its fused kernel on CUDA); entropy only
+  compiled        torch.compile of the naive version (forward and forward+backward)
+  trl             TRL's own ``entropy_from_logits`` (chunked PyTorch); entropy only
+  trl-triton      TRL 1.16's Triton ``selective_log_softmax_and_entropy`` (CUDA); log p +
+                  entropy in one pass
   liger-ce-loss   Liger-Kernel's cross entropy: a loss without entropy, for scale
   flash-attn-ce-loss  flash-attn's Triton cross entropy: a loss without entropy, for scale
 """
@@ -25,20 +28,18 @@ import torch
 from saei_fast.benchmarks.cases import FORWARD, FORWARD_BACKWARD, OpBench, Provider
 from saei_fast.reference import chunked_entropy, naive_logprobs_and_entropy
 
+# Every provider returns its per-row outputs: ``(logprobs, entropy)``, or the entropy alone
+# ("entropy only"); the checks compare them row by row, forward+backward sums them.
+
 
 def _ours():
     from saei_fast.ops import logprobs_and_entropy
 
-    def fn(logits, labels):
-        logp, ent = logprobs_and_entropy(logits, labels)
-        return ent.sum() + logp.sum()
-
-    return fn
+    return lambda logits, labels: logprobs_and_entropy(logits, labels)
 
 
 def _naive(logits, labels):
-    logp, ent = naive_logprobs_and_entropy(logits, labels)
-    return ent.float().sum() + logp.float().sum()
+    return naive_logprobs_and_entropy(logits, labels)
 
 
 def _chunked(logits, labels):
@@ -49,7 +50,7 @@ def _chunked(logits, labels):
             for chunk, lab in zip(logits.split(128), labels.split(128), strict=True)
         ]
     )
-    return ent.sum() + logp.sum()
+    return logp, ent
 
 
 def _chunked_trl_style(logits, labels):
@@ -57,11 +58,11 @@ def _chunked_trl_style(logits, labels):
     for chunk in logits.split(128):
         logp = torch.log_softmax(chunk, dim=-1)
         out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out).float().sum()
+    return torch.cat(out)
 
 
 def _chunked_verl_style(logits, labels):
-    return chunked_entropy(logits, chunk_size=2048).sum()
+    return chunked_entropy(logits, chunk_size=2048)
 
 
 @functools.cache
@@ -72,7 +73,13 @@ def _compiled():
 def _trl():
     from trl.trainer.utils import entropy_from_logits
 
-    return lambda logits, labels: entropy_from_logits(logits).float().sum()
+    return lambda logits, labels: entropy_from_logits(logits)
+
+
+def _trl_triton():
+    from trl.kernels.logprob_entropy import selective_log_softmax_and_entropy
+
+    return lambda logits, labels: selective_log_softmax_and_entropy(logits, labels)
 
 
 def _liger():
@@ -96,7 +103,15 @@ PROVIDERS = {
         Provider("chunked-trl", lambda: _chunked_trl_style, note="entropy only, TRL-style"),
         Provider("chunked-verl", lambda: _chunked_verl_style, note="entropy only, verl-style"),
         Provider("compiled", _compiled, note="torch.compile(naive)", compile_calls=1),
-        Provider("trl", _trl, kind="peer", note="entropy only", module="trl"),
+        Provider("trl", _trl, kind="peer", note="entropy only, TRL's", module="trl"),
+        Provider(
+            "trl-triton",
+            _trl_triton,
+            kind="peer",
+            note="log p + entropy, TRL's Triton kernel",
+            requires_cuda=True,
+            module="trl",
+        ),
         Provider(
             "liger-ce-loss",
             _liger,

@@ -11,6 +11,9 @@ logits executes ``2NDV`` more, reported separately as executed TFLOP/s. Provider
   naive           F.linear to full logits, then eager entropy
   chunked         fused-linear-for-PPO style: checkpointed token chunks, float32 entropy
   verl-linear     verl's fused linear log-prob + entropy kernels (CUDA, when installed)
+  trl-chunked-logprob  TRL 1.16's fused head (``ChunkedLogProbFunction``, what its GRPO loss
+                  runs): 4096-token x 32768-vocab tiles, torch ops off CUDA; it always
+                  computes log p, the entropy is the loss here as for ours
   liger-flce-loss Liger-Kernel's fused linear cross entropy: a loss without entropy
   cce-loss        cut-cross-entropy's linear cross entropy: a loss without entropy
 """
@@ -28,7 +31,7 @@ def _ours(**options):
         from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
 
         def fn(hidden, weight, labels):
-            return linear_logprobs_and_entropy_impl(hidden, weight, None, **options)[1].sum()
+            return linear_logprobs_and_entropy_impl(hidden, weight, None, **options)[1]
 
         return fn
 
@@ -36,19 +39,34 @@ def _ours(**options):
 
 
 def _naive(hidden, weight, labels):
-    return naive_linear_entropy(hidden, weight).float().sum()
+    return naive_linear_entropy(hidden, weight)
 
 
 def _chunked(hidden, weight, labels):
-    return chunked_linear_entropy(hidden, weight).sum()
+    return chunked_linear_entropy(hidden, weight)
+
+
+# TRL's GRPO loss passes this vocabulary chunk (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE).
+TRL_VOCAB_CHUNK = 32768
+
+
+def _trl_chunked():
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    def fn(hidden, weight, labels):
+        outputs = ChunkedLogProbFunction.apply(
+            hidden, weight, None, labels, 1.0, TRL_VOCAB_CHUNK, None, 1.0, ("entropy",)
+        )
+        return outputs[1]  # the entropy, per row
+
+    return fn
 
 
 def _verl():
     from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
 
     def fn(hidden, weight, labels):
-        logprobs, entropy = linear_cross_entropy(hidden, weight, labels, 1.0, "none")
-        return entropy.float().sum() + logprobs.float().sum()
+        return linear_cross_entropy(hidden, weight, labels, 1.0, "none")  # (log p, entropy)
 
     return fn
 
@@ -95,6 +113,14 @@ PROVIDERS = {
             note="log p + entropy",
             requires_cuda=True,
             module="verl",
+            recomputes_forward=True,
+        ),
+        Provider(
+            "trl-chunked-logprob",
+            _trl_chunked,
+            kind="peer",
+            note="entropy (log p computed too), TRL's",
+            module="trl",
             recomputes_forward=True,
         ),
         Provider(

@@ -9,7 +9,8 @@ from pathlib import Path
 COLUMNS = [
     "op", "provider", "kind", "note", "mode", "shape", "dtype", "status", "reason",
     "median_ms", "min_ms", "max_ms", "spread_pct", "repeats", "bytes_moved", "GB/s", "flops",
-    "TFLOP/s", "executed_TFLOP/s", "pct_of_peak", "peak_memory_MiB", "x_ours", "host_syncs",
+    "TFLOP/s", "executed_TFLOP/s", "pct_of_peak", "peak_memory_MiB", "x_ours", "noisy",
+    "host_syncs",
     "valid_tokens", "completion_tokens",
 ]  # fmt: skip
 
@@ -20,6 +21,12 @@ def _fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
+
+
+def _ratio(row: dict) -> str:
+    """ "x ours", marked when the two min-max ranges overlap (the order is not settled)."""
+    text = _fmt(row.get("x_ours"))
+    return f"{text} (noisy)" if row.get("noisy") else text
 
 
 def op_table(rows: list[dict], title: str) -> str:
@@ -38,7 +45,7 @@ def op_table(rows: list[dict], title: str) -> str:
             f"| {r['provider']} | {r['note']} | {r['mode']} | {r['shape']} "
             f"| {_fmt(r['median_ms'], 4)} | {_fmt(r['min_ms'])}-{_fmt(r['max_ms'])} "
             f"| {_fmt(r.get(rate))} | {_fmt(r.get('pct_of_peak'))} "
-            f"| {_fmt(r.get('peak_memory_MiB'))} | {_fmt(r.get('x_ours'))} |"
+            f"| {_fmt(r.get('peak_memory_MiB'))} | {_ratio(r)} |"
         )
     others = {}
     for r in rows:
@@ -58,6 +65,12 @@ def tables(rows: list[dict], info: dict, peaks: dict | None) -> str:
     head = [
         f"device {info['device']}, {info['date']}, torch {info['torch']}, "
         f"triton {info['triton']}, saei-fast {info['saei_fast']}"
+        + (f", {info['threads']} threads" if "threads" in info else "")
+        + (
+            f", {info['busy_processes']} busy processes started"
+            if info.get("busy_processes")
+            else ""
+        )
     ]
     if peaks:
         head.append(
@@ -65,7 +78,11 @@ def tables(rows: list[dict], info: dict, peaks: dict | None) -> str:
             f"{peaks['matmul_TFLOPs']} TFLOP/s ({peaks['source']}); "
             "% of peak is against these"
         )
-    head.append("x ours: median time / ours' median time in the same run (> 1: slower than ours)")
+    head.append(
+        "x ours: median time / ours' median time in the same run (> 1: slower than ours); "
+        "providers timed in interleaved rounds after warm-up; (noisy): the two min-max "
+        "ranges overlap, so this run does not settle which is faster"
+    )
     parts = ["\n".join(head) + "\n"]
     for op in dict.fromkeys(r["op"] for r in rows):
         parts.append(op_table([r for r in rows if r["op"] == op], OPS[op].title))

@@ -17,7 +17,12 @@ import torch
 
 from saei_fast.benchmarks.cases import Case, prepare, skip_reason
 from saei_fast.benchmarks.peaks import device_name
-from saei_fast.benchmarks.timing import count_host_syncs, time_call
+from saei_fast.benchmarks.timing import (
+    count_host_syncs,
+    interleaved,
+    spreads_overlap,
+    warm_up,
+)
 
 
 def run_info(device: torch.device) -> dict:
@@ -94,76 +99,120 @@ def run_cases(
     deadline: float | None = None,
 ) -> list[dict]:
     """Time every case; returns rows with timings, throughput, memory and "x ours" ratios.
-    Cases not started by ``deadline`` (a ``time.monotonic()`` value) are reported as skipped."""
+
+    Cases of the same op, shape and mode are timed together: each is warmed up (compiling,
+    and reading its peak memory on the last warm-up call), then all of them are timed in
+    interleaved rounds. Cases not started by ``deadline`` (a ``time.monotonic()`` value)
+    are reported as skipped."""
     progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     rows: list[dict] = []
-    inputs_key, inputs = None, None
+    inputs = _InputCache(device)
+    groups: dict[tuple, list[tuple[int, Case]]] = {}
     for index, case in enumerate(cases, 1):
-        dtype = case.op.dtype(device)
-        row = _base_row(case, dtype)
-        label = f"[{index}/{len(cases)}] {case.op.name} {case.shape} {case.mode}"
-        label += f" {case.provider.name}"
-        reason = skip_reason(case, device)
-        if reason is None and deadline is not None and time.monotonic() > deadline:
-            reason = "time budget of this run exhausted"
-        if reason is not None:
-            rows.append({**row, "status": "skipped", "reason": reason})
-            progress(f"{label}: skipped ({reason})")
-            continue
-        try:
-            if inputs_key != (case.op.name, case.dims):
-                inputs_key, inputs = None, None  # free the last shape's inputs first
-                gc.collect()
-                inputs = case.op.build(case.dims, device, dtype)
-                inputs_key = (case.op.name, case.dims)
-            call = prepare(case, inputs)
-            warmup, repeats = case.op.repeats(device, quick)
-            warmup += case.provider.compile_calls
-            timing, peak = time_call(call, device, warmup=warmup, repeats=repeats)
-            counts_syncs = case.op.count_host_syncs and device.type == "cuda"
-            syncs = count_host_syncs(call) if counts_syncs else None
-        except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError needs torch 2.5
-            rows.append({**row, "status": "oom", "reason": _short(error)})
-            progress(f"{label}: out of memory")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        except Exception as error:  # a peer's API drift must not hide the other rows
-            rows.append({**row, "status": "error", "reason": _short(error)})
-            progress(f"{label}: error ({_short(error)})")
-            continue
-        row.update(
-            status="ok",
-            median_ms=round(timing.median_ms, 4),
-            min_ms=round(timing.min_ms, 4),
-            max_ms=round(timing.max_ms, 4),
-            spread_pct=round(timing.spread_pct, 1),
-            repeats=timing.repeats,
-            peak_memory_MiB=round(peak / 2**20, 1),
-            **case_metrics(case, timing.median_ms, dtype, peaks),
-            **case.op.describe(inputs),
-        )
-        if syncs is not None:
-            row["host_syncs"] = syncs
-        rows.append(row)
-        progress(f"{label}: {timing.median_ms:.3f} ms (spread {timing.spread_pct:.0f}%)")
+        groups.setdefault((case.op.name, case.dims, case.mode), []).append((index, case))
+    for group in groups.values():
+        rows.extend(_run_group(group, len(cases), device, quick, peaks, progress, deadline, inputs))
     add_ratios(rows)
     return rows
 
 
+class _InputCache:
+    """The inputs of the last (op, shape), shared by its providers and modes; one shape at
+    a time, so that large inputs are freed before the next are built."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.key, self.value = device, None, None
+
+    def get(self, case: Case, dtype: torch.dtype) -> dict:
+        if self.key != (case.op.name, case.dims):
+            self.key, self.value = None, None
+            gc.collect()
+            self.value = case.op.build(case.dims, self.device, dtype)
+            self.key = (case.op.name, case.dims)
+        return self.value
+
+
+def _failure(row: dict, error: BaseException, device: torch.device) -> dict:
+    if isinstance(error, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError needs 2.5
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {**row, "status": "oom", "reason": _short(error)}
+    return {**row, "status": "error", "reason": _short(error)}
+
+
+def _run_group(group, total, device, quick, peaks, progress, deadline, inputs) -> list[dict]:
+    """Rows for the cases of one (op, shape, mode), in their order."""
+    rows: dict[int, dict] = {}
+    ready: dict[int, tuple] = {}  # index -> (case, call, peak, syncs)
+    for index, case in group:
+        dtype = case.op.dtype(device)
+        row = _base_row(case, dtype)
+        label = f"[{index}/{total}] {case.op.name} {case.shape} {case.mode} {case.provider.name}"
+        reason = skip_reason(case, device)
+        if reason is None and deadline is not None and time.monotonic() > deadline:
+            reason = "time budget of this run exhausted"
+        if reason is not None:
+            rows[index] = {**row, "status": "skipped", "reason": reason}
+            progress(f"{label}: skipped ({reason})")
+            continue
+        try:
+            case_inputs = inputs.get(case, dtype)
+            call = prepare(case, case_inputs)
+            warmup, _ = case.op.repeats(device, quick)
+            peak = warm_up(call, device, warmup + case.provider.compile_calls)
+            counts_syncs = case.op.count_host_syncs and device.type == "cuda"
+            syncs = count_host_syncs(call) if counts_syncs else None
+        except Exception as error:  # a peer's API drift must not hide the other rows
+            rows[index] = _failure(row, error, device)
+            progress(f"{label}: {rows[index]['status']} ({_short(error)})")
+            continue
+        rows[index] = row
+        ready[index] = (case, call, peak, syncs)
+    if ready:
+        _, repeats = group[0][1].op.repeats(device, quick)
+        calls = {index: entry[1] for index, entry in ready.items()}
+        timings, errors = interleaved(calls, device, repeats)
+        for index, (case, _, peak, syncs) in ready.items():
+            label = f"[{index}/{total}] {case.op.name} {case.shape} {case.mode}"
+            label += f" {case.provider.name}"
+            if index in errors:
+                rows[index] = _failure(rows[index], errors[index], device)
+                progress(f"{label}: {rows[index]['status']} ({_short(errors[index])})")
+                continue
+            timing = timings[index]
+            dtype = case.op.dtype(device)
+            rows[index].update(
+                status="ok",
+                median_ms=round(timing.median_ms, 4),
+                min_ms=round(timing.min_ms, 4),
+                max_ms=round(timing.max_ms, 4),
+                spread_pct=round(timing.spread_pct, 1),
+                repeats=timing.repeats,
+                peak_memory_MiB=round(peak / 2**20, 1),
+                **case_metrics(case, timing.median_ms, dtype, peaks),
+                **case.op.describe(inputs.get(case, dtype)),
+            )
+            if syncs is not None:
+                rows[index]["host_syncs"] = syncs
+            progress(f"{label}: {timing.median_ms:.3f} ms (spread {timing.spread_pct:.0f}%)")
+    return [rows[index] for index, _ in group]
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """``x_ours``: a row's median over its reference provider's median, same op/shape/mode."""
+    """``x_ours``: a row's median over its reference provider's median, same op/shape/mode;
+    ``noisy``: True when the two rows' min-max ranges overlap (the run does not settle which
+    is faster, whatever the ratio)."""
     from saei_fast.benchmarks.cases import OPS
 
-    medians = {
-        (r["op"], r["shape"], r["mode"], r["provider"]): r["median_ms"]
-        for r in rows
-        if r.get("status") == "ok"
+    ok = {
+        (r["op"], r["shape"], r["mode"], r["provider"]): r for r in rows if r.get("status") == "ok"
     }
     for r in rows:
         if r.get("status") != "ok":
             continue
         reference = OPS[r["op"]].providers[r["provider"]].compare_to
-        base = medians.get((r["op"], r["shape"], r["mode"], reference))
-        if base:
-            r["x_ours"] = _significant(r["median_ms"] / base)
+        base = ok.get((r["op"], r["shape"], r["mode"], reference))
+        if base and base["median_ms"]:
+            r["x_ours"] = _significant(r["median_ms"] / base["median_ms"])
+            if base is not r:
+                r["noisy"] = spreads_overlap(r, base)

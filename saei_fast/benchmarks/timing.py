@@ -5,14 +5,22 @@ is overwritten before it (a buffer twice the L2 size is zeroed outside the timed
 ``triton.testing.do_bench`` does), so small inputs are read from HBM as they would be in a
 training step rather than from a warm cache. Warm-up calls absorb compilation and
 autotuning. CPU: wall clock around each call. The median is reported with min and max.
+
+On a shared machine the load changes from one second to the next, so providers compared
+with each other are timed in interleaved rounds (``interleaved``: every provider once per
+round, round after round) rather than one after the other, and a ratio whose two
+min-max ranges overlap is flagged as noisy (``spreads_overlap``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import subprocess
+import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +109,76 @@ def time_call(
             samples.append((time.perf_counter() - begin) * 1e3)
     timing = Timing(statistics.median(samples), min(samples), max(samples), repeats)
     return timing, peak
+
+
+def warm_up(fn: Callable[[], object], device: torch.device, warmup: int) -> int:
+    """Run ``fn`` ``warmup`` times (at least once) and return the extra bytes the last call
+    needed at its peak (``saei_fast.memory``; on a CPU a lower bound, see ``time_call``)."""
+    for _ in range(warmup - 1):
+        fn()
+    return peak_memory_of(fn, device)
+
+
+def _time_once(fn: Callable[[], object], device: torch.device, flush) -> float:
+    if device.type == "cuda":
+        flush()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int
+) -> tuple[dict[str, Timing], dict[str, BaseException]]:
+    """Time already warmed-up ``fns`` in ``repeats`` rounds, each calling every function
+    once, so that a burst of load from other work hits all of them alike. A function that
+    raises is dropped from the later rounds; its error is returned instead of a timing."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    flush = _l2_flusher(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    errors: dict[str, BaseException] = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if name in errors:
+                continue
+            try:
+                samples[name].append(_time_once(fn, device, flush))
+            except Exception as error:  # reported in its row, the others go on
+                errors[name] = error
+    timings = {
+        name: Timing(statistics.median(t), min(t), max(t), len(t))
+        for name, t in samples.items()
+        if name not in errors
+    }
+    return timings, errors
+
+
+def spreads_overlap(a: dict, b: dict) -> bool:
+    """Whether two rows' ``[min_ms, max_ms]`` ranges overlap: then which one is faster is
+    not settled by this run, whatever the ratio of the medians says."""
+    return a["min_ms"] <= b["max_ms"] and b["min_ms"] <= a["max_ms"]
+
+
+@contextlib.contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """``count`` processes that each spin on a core until the block exits: an oversubscribed
+    machine on purpose, to see how a CPU path holds up under load (``--busy``)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def count_host_syncs(fn) -> int | None:

@@ -126,39 +126,49 @@ def vision_token_ids(model: torch.nn.Module) -> list[int]:
     return [getattr(config, name) for name in names if getattr(config, name, None) is not None]
 
 
-def load_local_vlm(path: str, *, dtype: torch.dtype) -> tuple[torch.nn.Module, ProcessorMixin]:
-    """A Hugging Face VLM and its processor from a local folder (no download).
+def prompt_text(processor: ProcessorMixin, question: str) -> str:
+    """The chat prompt TRL builds for one image and ``question`` (image first, as TRL's
+    ``prepare_multimodal_messages`` puts it), with the assistant turn opened."""
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def load_local_processor(path: str) -> ProcessorMixin:
+    """The multimodal processor of a local Hugging Face VLM folder (no download).
 
     Qwen2-VL / Qwen2.5-VL processors fall back to :class:`ImageQwen2_5_VLProcessor` where
     the full processor cannot be built (its video processor needs torchvision).
 
     Raises:
         ValueError: the folder holds no image-text model or no multimodal processor.
+        OSError: the folder cannot be read as a model folder.
     """
-    from transformers import (
-        AutoConfig,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-        AutoTokenizer,
-        Qwen2VLImageProcessorPil,
-    )
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer, Qwen2VLImageProcessorPil
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except ImportError:
         processor = None
-    if not isinstance(processor, ProcessorMixin):
-        if config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
-            raise ValueError(
-                f"{path} must hold a multimodal processor (processor_config.json) for its "
-                f"{config.model_type} model; AutoProcessor gave {type(processor).__name__}"
-            )
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        processor = ImageQwen2_5_VLProcessor(
-            image_processor=Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True),
-            tokenizer=tokenizer,
-            chat_template=tokenizer.chat_template,
+    if isinstance(processor, ProcessorMixin):
+        return processor
+    if config.model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(
+            f"{path} must hold a multimodal processor (processor_config.json) for its "
+            f"{config.model_type} model; AutoProcessor gave {type(processor).__name__}"
         )
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
-    return model, processor
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return ImageQwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def load_local_model(path: str, *, dtype: torch.dtype) -> torch.nn.Module:
+    """The image-text model of a local Hugging Face folder (no download)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)

@@ -22,6 +22,10 @@ two others are extended: reward logging (clean vs adversarial rows) and the vLLM
 importance-sampling ratio, which must not treat the adversarial rows as engine mismatch
 (see :meth:`SaEIGRPOTrainer._generate_and_score_completions`).
 
+``saei_perturbation="random"`` runs the control arm: the same grouping, with a random-sign
+step of the same size instead of the attack's (NoisyRollout-style sampling; the signs are
+drawn from a generator seeded by ``seed``, the global step and the process index).
+
 Evaluation generates from clean images only. Supported: TRL 1.16.x with Hugging Face
 ``generate``, or with vLLM in colocate or server mode: the clean rows and the adversarial
 rows are generated in two calls of ``n_clean`` and ``n_adv`` identical rows per prompt, so
@@ -29,31 +33,47 @@ the server's deduplication (one image per run of ``num_generations`` rows) sees 
 image for each. The vLLM path is tested against a stand-in backend with the server's
 contract (vLLM itself is not part of the test environment). Tools, environments, a custom
 ``rollout_func`` and continuous batching are refused.
+
+With vLLM, every generation (both arms) checks that the prompt the engine reports has as
+many tokens as the trainer's prompt row, and raises a ``RuntimeError`` naming TRL issues
+6294 / 6401 when it does not: TRL 1.16 in colocate mode sends vLLM processor-expanded image
+tokens, which vLLM expands again (see :mod:`saei_fast.integrations._vllm_prompts`).
 """
 
 from __future__ import annotations
 
 import inspect
+import statistics
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 import trl
+from accelerate.logging import get_logger
 from packaging.version import Version
 from transformers import ProcessorMixin
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
 from saei_fast import pixels
-from saei_fast.attack import SCOPES, AttackConfig, entropy_attack
+from saei_fast.attack import PERTURBATIONS, SCOPES, AttackConfig, entropy_attack
+from saei_fast.integrations._fused_head import FusedHead, unsupported_reason
 from saei_fast.integrations._rows import RowImage, merge_rows, model_batch, split_rows
+from saei_fast.integrations._vllm_prompts import (
+    ReportedPrompts,
+    double_expansion_message,
+    length_mismatches,
+)
 from saei_fast.ops._checks import (
     check_band,
     check_choice,
     check_positive_float,
     check_positive_int,
+    check_temperature,
 )
 from saei_fast.rollout import saei_rollout
+
+logger = get_logger(__name__)
 
 # The TRL versions this module is tested against; the hooks it overrides are private to TRL.
 SUPPORTED_TRL = (Version("1.16"), Version("1.17"))  # [lo, hi)
@@ -112,11 +132,39 @@ class SaEIConfig(GRPOConfig):
         default=None,
         metadata={"help": "Rows per attack forward/backward pass (None: all clean rows at once)."},
     )
+    saei_perturbation: str = field(
+        default="entropy",
+        metadata={
+            "help": "'entropy' (SaEI's attack) or 'random' (a random-sign step of the same size, "
+            "the NoisyRollout-style control)."
+        },
+    )
+
+    saei_fused_head: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Compute the loss's log-probs and entropies (policy, old and reference "
+            "passes) with saei-fast's fused head instead of TRL's; None: on for CPU training, "
+            "off on accelerators. Also with saei_enabled=False."
+        },
+    )
 
     def __post_init__(self) -> None:
+        # Before GRPOConfig's own checks, and whatever saei_enabled says: TRL would accept a
+        # zero or NaN temperature here and fail later, deep inside the trainer.
+        self.temperature = check_temperature(self.temperature)
+        if isinstance(self.generation_kwargs, dict) and "temperature" in self.generation_kwargs:
+            try:
+                check_temperature(self.generation_kwargs["temperature"])
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"generation_kwargs['temperature']: {error}") from None
         super().__post_init__()
         if not isinstance(self.saei_enabled, bool):
             raise TypeError(f"saei_enabled must be a bool, got {type(self.saei_enabled).__name__}")
+        if self.saei_fused_head is not None and not isinstance(self.saei_fused_head, bool):
+            raise TypeError(
+                f"saei_fused_head must be a bool or None, got {type(self.saei_fused_head).__name__}"
+            )
         self.saei_n_clean, self.saei_n_adv = _group_split(
             self.num_generations, self.saei_n_clean, self.saei_n_adv
         )
@@ -129,6 +177,7 @@ class SaEIConfig(GRPOConfig):
         except (TypeError, ValueError) as error:
             raise type(error)(f"saei_{error}") from None
         check_choice("saei_scope", self.saei_scope, SCOPES)
+        check_choice("saei_perturbation", self.saei_perturbation, PERTURBATIONS)
         if self.saei_micro_batch_size is not None:
             check_positive_int("saei_micro_batch_size", self.saei_micro_batch_size)
         if self.saei_enabled:
@@ -141,9 +190,18 @@ class SaEIConfig(GRPOConfig):
                     "continuous batching generates from token ids only, without the images"
                 )
 
+    def sampling_temperature(self) -> float:
+        """The temperature TRL samples at: ``generation_kwargs["temperature"]`` when given
+        (TRL passes it over ``temperature`` to both ``generate`` and vLLM), else
+        ``temperature``."""
+        if isinstance(self.generation_kwargs, dict) and "temperature" in self.generation_kwargs:
+            return check_temperature(self.generation_kwargs["temperature"])
+        return self.temperature
+
     def attack_config(self) -> AttackConfig:
-        """The :class:`saei_fast.AttackConfig` of these settings (entropies at the sampling
-        temperature, one adversarial image per group of ``saei_n_clean`` clean rows)."""
+        """The :class:`saei_fast.AttackConfig` of these settings (entropies at the effective
+        sampling temperature, one adversarial image per group of ``saei_n_clean`` clean
+        rows)."""
         return AttackConfig(
             alpha=self.saei_alpha,
             steps=self.saei_steps,
@@ -151,9 +209,10 @@ class SaEIConfig(GRPOConfig):
             band=tuple(self.saei_band),
             scope=self.saei_scope,
             group_size=self.saei_n_clean,
-            temperature=self.temperature,
+            temperature=self.sampling_temperature(),
             micro_batch_size=self.saei_micro_batch_size,
             measure_after=True,
+            perturbation=self.saei_perturbation,
         )
 
 
@@ -199,15 +258,33 @@ class SaEIGRPOTrainer(GRPOTrainer):
     """TRL's ``GRPOTrainer`` sampling with SaEI (see the module docstring).
 
     Takes ``GRPOTrainer``'s arguments; ``args`` must be a :class:`SaEIConfig`. Logs, per
-    training step (names under ``saei/``): the band objective before and after the attack
-    (``entropy_before``, ``entropy_after``), the selected tokens, attack time and extra peak
-    memory, and the mean reward of the clean and of the adversarial rows. TRL's own
-    ``entropy`` is the mean policy entropy of the loss forward (clean images).
+    training step, under ``saei/`` (means over processes; per-group values are gathered
+    from every process first):
+
+    - ``entropy_before`` / ``entropy_after``: the band objective on the clean and on the
+      perturbed image (same band mask), ``entropy_gain`` their difference;
+    - ``entropy_gain_relative``: median over groups of ``after / before - 1``;
+      ``gain_negative_fraction``: fraction of groups whose objective went down;
+    - ``selected_tokens``: completion tokens in the band; ``attack_seconds``,
+      ``attack_peak_memory_mb``;
+    - ``entropy_clean_rows`` / ``entropy_adv_rows``: the mean policy entropy of the loss
+      forward over the tokens of clean and of adversarial rows (TRL's ``entropy`` averages
+      both, and the adversarial rows were sampled from another image);
+    - ``reward_clean`` / ``reward_adv``: mean reward of the clean and adversarial rows;
+    - ``distinct_clean`` / ``distinct_adv``: distinct completions per group among its clean
+      and among its adversarial rows, averaged over groups.
+
+    With vLLM, TRL's ``sampling/importance_sampling_ratio/*`` and
+    ``sampling/sampling_logp_difference/*`` metrics are computed inside TRL's scoring,
+    before SaEI's correction of the adversarial rows (see
+    :meth:`_generate_and_score_completions`): they include the image change of those rows.
 
     Raises:
         TypeError / ValueError: at construction, for settings SaEI cannot sample with
             (non-SaEIConfig args, text-only processing class, tools, environments, a custom
             ``rollout_func``, a processor without a pixel space).
+        RuntimeError: at a vLLM generation whose engine prompt differs in length from the
+            trainer's (image tokens expanded twice, TRL issues 6294 / 6401), on every process.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -224,8 +301,10 @@ class SaEIGRPOTrainer(GRPOTrainer):
                         f"saei_enabled=True does not support {name}: SaEI samples single-turn "
                         "responses to one image per prompt"
                     )
+            _check_vllm_images(config, bound.get("processing_class"))
         super().__init__(*args, **kwargs)
         self._saei_space = None
+        self._saei_attack_config = None
         if config.saei_enabled:
             if not isinstance(self.processing_class, ProcessorMixin):
                 raise ValueError(
@@ -235,13 +314,34 @@ class SaEIGRPOTrainer(GRPOTrainer):
                 )
             # Raises a clear error for processors without mean/std or 8-bit rescaling.
             self._saei_space = pixels.from_processor(self.processing_class)
-        self._saei_attack_config = config.attack_config()
+            self._saei_attack_config = config.attack_config()
         self._saei_last_adversarial = None  # is_adversarial of the latest SaEI generation
+        self._saei_loss_rows = None  # (is_adversarial, token mask) of the loss forward
+        self._saei_fused_head = self._saei_resolve_fused_head(config.saei_fused_head)
+
+    def _saei_resolve_fused_head(self, setting: bool | None) -> bool:
+        if setting is None:
+            # Off on accelerators until a GPU benchmark shows ours at least as fast as TRL's.
+            setting = self.accelerator.device.type == "cpu"
+        if not setting:
+            return False
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            logger.warning("saei_fused_head: using TRL's head instead, since %s.", reason)
+            return False
+        return True
 
     # ---- when SaEI samples ---------------------------------------------------------------
 
     def _saei_sampling(self) -> bool:
         return self.args.saei_enabled and self.model.training
+
+    def _saei_generator(self) -> torch.Generator:
+        """The random signs of ``saei_perturbation="random"``: reproducible from the seed,
+        different at every step and on every process."""
+        seed = (self.args.seed * 1_000_003 + self.state.global_step) * 65_537
+        seed += self.accelerator.process_index
+        return torch.Generator().manual_seed(seed % 2**63)
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -250,7 +350,7 @@ class SaEIGRPOTrainer(GRPOTrainer):
     ):
         self._saei_last_adversarial = None
         if not self._saei_sampling():
-            return super()._generate_single_turn(
+            return self._saei_backend_generate(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
             )
         if images is None or any(not row for row in images):
@@ -283,6 +383,11 @@ class SaEIGRPOTrainer(GRPOTrainer):
         self._saei_last_adversarial = rollout.is_adversarial
         self._saei_log("attack_seconds", rollout.attack_seconds)
         completion_ids = [completion.ids for completion in rollout.completions]
+        distinct_clean, distinct_adv = _distinct_per_group(
+            completion_ids, rollout.is_adversarial.tolist(), rollout.group_size
+        )
+        self._saei_log("distinct_clean", distinct_clean)
+        self._saei_log("distinct_adv", distinct_adv)
         logprobs = [completion.logprobs for completion in rollout.completions]
         return completion_ids, None if logprobs[0] is None else logprobs
 
@@ -290,7 +395,7 @@ class SaEIGRPOTrainer(GRPOTrainer):
         self, prompts: list, images: list[RowImage], copies: int
     ) -> list[_Completion]:
         """TRL's own single-turn generation for runs of ``copies`` identical rows."""
-        completion_ids, logprobs = super()._generate_single_turn(
+        completion_ids, logprobs = self._saei_backend_generate(
             prompts,
             [image.pil for image in images],
             merge_rows([image.fields for image in images]),
@@ -300,6 +405,34 @@ class SaEIGRPOTrainer(GRPOTrainer):
         return [
             _Completion(list(ids), lps) for ids, lps in zip(completion_ids, logprobs, strict=True)
         ]
+
+    def _saei_backend_generate(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):
+        """TRL's single-turn generation; with vLLM, checked against the prompt the engine
+        reports (see :mod:`saei_fast.integrations._vllm_prompts`)."""
+        if not self.use_vllm:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        backend = self.vllm_generation
+        if not isinstance(backend, ReportedPrompts):
+            backend = self.vllm_generation = ReportedPrompts(backend)
+        backend.reported = None
+        output = super()._generate_single_turn(
+            prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+        )
+        mismatches = length_mismatches(prompt_ids, backend.reported)
+        # Every process raises together: a lone failing rank would leave the others waiting
+        # in the next collective.
+        counts = torch.tensor([len(mismatches)], device=self.accelerator.device)
+        if self.accelerator.gather(counts).sum().item():
+            raise RuntimeError(
+                double_expansion_message(
+                    mismatches, len(prompt_ids), trl.__version__, self.vllm_mode
+                )
+            )
+        return output
 
     def _saei_attack(
         self,
@@ -317,6 +450,7 @@ class SaEIGRPOTrainer(GRPOTrainer):
             pad_token_id=self._tokenizer.pad_token_id,
             device=device,
         )
+        generator = self._saei_generator() if self.args.saei_perturbation == "random" else None
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -332,12 +466,9 @@ class SaEIGRPOTrainer(GRPOTrainer):
                 completion_mask,
                 space=self._saei_space,
                 config=self._saei_attack_config,
+                generator=generator,
             )
-        self._saei_log("entropy_before", result.entropy_before)
-        self._saei_log("entropy_after", result.entropy_after)
-        self._saei_log("entropy_gain", result.entropy_after - result.entropy_before)
-        self._saei_log("selected_tokens", float(result.num_selected))
-        self._saei_log("attack_peak_memory_mb", result.peak_memory_bytes / 2**20)
+        self._saei_log_attack(result)
 
         # Rows of a group carry one adversarial image; take each group's first row.
         adversarial_fields = split_rows(
@@ -359,6 +490,24 @@ class SaEIGRPOTrainer(GRPOTrainer):
             for row in range(0, len(images), group_size)
         ]
 
+    def _saei_log_attack(self, result) -> None:
+        self._saei_log("entropy_before", result.entropy_before)
+        self._saei_log("entropy_after", result.entropy_after)
+        self._saei_log("entropy_gain", result.entropy_after - result.entropy_before)
+        self._saei_log("selected_tokens", float(result.num_selected))
+        self._saei_log("attack_peak_memory_mb", result.peak_memory_bytes / 2**20)
+        # Per group, gathered from every process (each holds the same number of groups).
+        relative = result.group_entropy_after / result.group_entropy_before - 1.0
+        relative = self.accelerator.gather(relative.to(self.accelerator.device))
+        relative = relative[torch.isfinite(relative)]  # groups with a selected token
+        if relative.numel():
+            self._metrics["train"]["saei/entropy_gain_relative"].append(
+                statistics.median(relative.tolist())
+            )
+            self._metrics["train"]["saei/gain_negative_fraction"].append(
+                float((relative < 0).double().mean())
+            )
+
     # ---- after generation: importance sampling, rewards ----------------------------------
 
     def _generate_and_score_completions(self, inputs):
@@ -374,13 +523,20 @@ class SaEIGRPOTrainer(GRPOTrainer):
         1 and their sampling log-probs to the clean-image ones (which also keeps the
         off-policy sequence mask from dropping them for the image change). What the ratio
         would have been is logged: ``saei/adv_sampling_logp_shift`` (mean over tokens of
-        ``log p_sampling - log p_clean``) and ``saei/adv_is_dropped_fraction``.
+        ``log p_sampling - log p_clean``) and ``saei/adv_is_dropped_fraction``. TRL's own
+        ``sampling/*`` metrics are logged inside TRL's scoring, before this correction.
+
+        The batch also carries ``saei_is_adversarial`` (bool ``[B]``), which TRL shuffles
+        with the other per-row tensors, so the loss can log clean and adversarial rows apart.
         """
         output = super()._generate_and_score_completions(inputs)
         adversarial = self._saei_last_adversarial
-        if adversarial is None or "importance_sampling_ratio" not in output:
+        if adversarial is None:
             return output
         adversarial = adversarial.to(output["completion_mask"].device)
+        output["saei_is_adversarial"] = adversarial
+        if "importance_sampling_ratio" not in output:
+            return output
         mask = output["completion_mask"].bool()
         if "tool_mask" in output:
             mask &= output["tool_mask"].bool()
@@ -416,10 +572,91 @@ class SaEIGRPOTrainer(GRPOTrainer):
         self._metrics["train"]["saei/reward_adv"].append(rewards[adversarial].mean().item())
         return rewards_per_func
 
+    # ---- the loss forward ----------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        adversarial = inputs.get("saei_is_adversarial")
+        if adversarial is not None:
+            mask = inputs["completion_mask"]
+            if "tool_mask" in inputs:
+                mask = mask * inputs["tool_mask"]
+            self._saei_loss_rows = (adversarial, mask.bool())
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._saei_loss_rows = None
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        """TRL's, with saei-fast's fused head in place of TRL's when ``saei_fused_head`` is
+        on, and the clean / adversarial split of the loss forward's entropy logged."""
+        # A DDP / FSDP wrapper must run its own forward (gradient hooks): TRL's head then.
+        if (
+            self._saei_fused_head
+            and model is self.accelerator.unwrap_model(model)
+            and unsupported_reason(model) is None
+        ):
+            model = FusedHead(model, temperature=self.temperature)
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+            model, *args, **kwargs
+        )
+        if entropies is not None and self._saei_loss_rows is not None:
+            self._saei_log_entropy_split(entropies.detach(), *self._saei_loss_rows)
+        return logps, entropies, aux_loss
+
+    def _saei_log_entropy_split(
+        self, entropies: torch.Tensor, adversarial: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """Token-weighted mean entropy of the clean and of the adversarial rows, over all
+        processes (as TRL's ``entropy``: their token-weighted mean is TRL's value)."""
+        adversarial = adversarial.to(entropies.device)[:, None]
+        clean_tokens, adv_tokens = mask & ~adversarial, mask & adversarial
+        stats = torch.stack(
+            [
+                (entropies * clean_tokens).sum(),
+                clean_tokens.sum().to(entropies.dtype),
+                (entropies * adv_tokens).sum(),
+                adv_tokens.sum().to(entropies.dtype),
+            ]
+        ).float()
+        stats = self.accelerator.reduce(stats, reduction="sum").tolist()
+        for name, total, count in (("clean", *stats[:2]), ("adv", *stats[2:])):
+            if count > 0:
+                self._metrics["train"][f"saei/entropy_{name}_rows"].append(total / count)
+
     def _saei_log(self, name: str, value: float) -> None:
         """Mean over processes of a per-process value, into this step's logs."""
-        local = torch.tensor([float(value)], device=self.accelerator.device)
+        # float64: a gain of 1e-4 nats on an objective of ~3 survives the round trip.
+        local = torch.tensor([float(value)], dtype=torch.float64, device=self.accelerator.device)
         self._metrics["train"][f"saei/{name}"].append(self.accelerator.gather(local).mean().item())
+
+
+def _distinct_per_group(
+    completion_ids: list, is_adversarial: list[bool], group_size: int
+) -> tuple[float, float]:
+    """Mean over groups of the number of distinct completions among its clean rows and
+    among its adversarial rows."""
+    clean, adv = [], []
+    for first in range(0, len(completion_ids), group_size):
+        rows = range(first, first + group_size)
+        clean.append(len({tuple(completion_ids[r]) for r in rows if not is_adversarial[r]}))
+        adv.append(len({tuple(completion_ids[r]) for r in rows if is_adversarial[r]}))
+    return sum(clean) / len(clean), sum(adv) / len(adv)
+
+
+def _check_vllm_images(config: SaEIConfig, processing_class: object) -> None:
+    """Refuse what would send vLLM the wrong adversarial images: a processor that tiles
+    images (Idefics3 / SmolVLM ``do_image_splitting``) turns one image into several tiles,
+    and the perturbed tiles cannot be sent back to vLLM as the whole image it expects."""
+    if not config.use_vllm:
+        return
+    image_processor = getattr(processing_class, "image_processor", processing_class)
+    if getattr(image_processor, "do_image_splitting", False):
+        raise ValueError(
+            "saei_enabled=True with use_vllm=True does not support image processors that "
+            f"tile images ({type(image_processor).__name__} with do_image_splitting=True): "
+            "vLLM takes whole images and the attack perturbs tiles; set "
+            "do_image_splitting=False on the processor or generate with use_vllm=False"
+        )
 
 
 def _check_groups(prompt_ids, row_fields: list[dict], group_size: int) -> None:

@@ -8,6 +8,7 @@ was received.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +35,15 @@ def check_float_tensor(name: str, value: object, *, min_dim: int = 0) -> torch.T
 
 
 def check_temperature(temperature: object) -> float:
-    return check_positive_float("temperature", temperature)
+    """A temperature > 0 whose inverse is finite in float32: the kernels multiply by 1/T in
+    fp32, so T = 1e-39 (1/T overflows to inf) would turn every entropy into NaN."""
+    value = check_positive_float("temperature", temperature)
+    if not math.isfinite(float(torch.tensor(1.0 / value, dtype=torch.float32))):
+        raise ValueError(
+            f"temperature must be >= {1.0 / torch.finfo(torch.float32).max:.3e} so that "
+            f"1/temperature is finite in float32, got {value}"
+        )
+    return value
 
 
 def check_same_device(name: str, tensor: torch.Tensor, reference: torch.Tensor, ref_name: str):
@@ -159,16 +168,28 @@ def check_band(band: object) -> tuple[float, float]:
     return lo, hi
 
 
+def checks_on_device(tensor: torch.Tensor) -> bool:
+    """Whether value checks of ``tensor`` run on its device instead of the host: CUDA / ROCm
+    tensors, unless ``SAEI_SYNC_CHECKS=1`` asks for host checks (one sync each, the CPU's
+    ``ValueError``) while debugging."""
+    return tensor.device.type == "cuda" and os.environ.get("SAEI_SYNC_CHECKS", "0") == "0"
+
+
 def check_no_nan(name: str, values: torch.Tensor, mask: torch.Tensor | None) -> None:
     """No NaN where ``mask`` is True (everywhere when None).
 
-    Reads the values (one host sync on a GPU); skipped while ``torch.compile`` traces.
+    CPU tensors: a ``ValueError`` naming the first NaN. CUDA tensors (see
+    :func:`checks_on_device`): a device-side assertion, no host sync; a violation fails the
+    next synchronising call. Skipped while ``torch.compile`` traces.
     """
     if values.numel() == 0 or torch.compiler.is_compiling():
         return
     bad = torch.isnan(values)
     if mask is not None:
         bad &= mask
+    if checks_on_device(values):
+        torch._assert_async(~bad.any(), f"saei_fast: {name} must not be NaN at valid positions")
+        return
     if bool(bad.any()):
         where = bad.nonzero()[0].tolist()
         raise ValueError(
@@ -181,8 +202,9 @@ def check_cu_seqlens(cu_seqlens: object, numel: int, reference: torch.Tensor, re
     """Packed-layout offsets: int32/int64 ``[S + 1]``, starting at 0, non-decreasing, ending
     at ``numel`` (the token count of ``ref_name``).
 
-    The value checks read the offsets (one host sync on a GPU) and are skipped while
-    ``torch.compile`` traces.
+    The value checks raise a ``ValueError`` for CPU tensors and run as a device-side
+    assertion for CUDA tensors (no host sync; see :func:`checks_on_device`); they are
+    skipped while ``torch.compile`` traces.
     """
     cu_seqlens = check_tensor("cu_seqlens", cu_seqlens)
     if cu_seqlens.dtype not in INDEX_DTYPES:
@@ -195,6 +217,11 @@ def check_cu_seqlens(cu_seqlens: object, numel: int, reference: torch.Tensor, re
     if torch.compiler.is_compiling():
         return cu_seqlens
     bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != numel) | (cu_seqlens.diff() < 0).any()
+    if checks_on_device(cu_seqlens):
+        torch._assert_async(
+            ~bad, f"saei_fast: cu_seqlens must start at 0, be non-decreasing and end at {numel}"
+        )
+        return cu_seqlens
     if bool(bad):
         offsets = cu_seqlens.tolist()
         shown = offsets if len(offsets) <= 8 else [*offsets[:4], "...", *offsets[-3:]]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from saei_fast.ops.linear_entropy import linear_backward, linear_forward
+from saei_fast.ops._linear_paths import linear_backward, linear_forward
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ class _VocabParallelLinearEntropy(torch.autograd.Function):
         ctx, hidden, weight, bias, labels, mask, inv_temperature, impl, chunk_rows, layout, group
     ):
         local_labels, owned = _local_labels(labels, layout)
-        entropy_r, logprobs_r, stats_r = linear_forward(
+        # No kept logits (keep = 0): the vocabulary-parallel backward recomputes its shard.
+        entropy_r, logprobs_r, stats_r, _ = linear_forward(
             hidden, weight, bias, local_labels, mask, inv_temperature, impl, chunk_rows
         )
         entropy, logprobs, stats = _combine(

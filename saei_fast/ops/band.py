@@ -13,6 +13,8 @@ implementations see it: fixed-length runs (``seg_len``) or runs between offsets 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from saei_fast.ops._checks import (
@@ -56,8 +58,26 @@ def flat_segments(
 
 
 # -------------------------------------------------------------------------------------------
-# PyTorch path: stable sorts and counts
+# PyTorch path: stable sorts and rank windows
 # -------------------------------------------------------------------------------------------
+
+
+def rank_window(n_valid, lo: float, hi: float):
+    """``(first, stop)``: the band rule selects ranks ``first <= r < stop`` of ``n_valid``
+    tokens (an int or an integer tensor; results of the same kind).
+
+    Rank r is selected iff ``lo*n <= r + 0.5 < hi*n`` in float64, so ``first`` is the
+    least r with ``r >= fl(lo*n) - 0.5``. That subtraction is exact for products >= 0.25
+    (0.5 is a multiple of their ulp below 2^52) and lands in [-0.5, -0.25] below, where the
+    ceiling is 0 either way: ``ceil(fl(n*lo) - 0.5)`` is exact. Same for ``stop``.
+    """
+    if isinstance(n_valid, int):
+        return math.ceil(n_valid * lo - 0.5), math.ceil(n_valid * hi - 0.5)
+    n_valid = n_valid.double()
+    return (
+        torch.ceil(n_valid * lo - 0.5).long(),
+        torch.ceil(n_valid * hi - 0.5).long(),
+    )
 
 
 def band_mask_torch(
@@ -71,28 +91,73 @@ def band_mask_torch(
 ) -> torch.Tensor:
     """Band-select ``values [N]`` scope by scope (see :func:`flat_segments`); bool ``[N]``.
 
-    No host synchronisation, any float dtype (float64 compares exactly). NaN ranks last.
+    Any float dtype (float64 compares exactly); NaN ranks above +inf. No host
+    synchronisation on a GPU; on the CPU, one read of the data picks the faster method.
     """
     n_tokens = values.numel()
-    device = values.device
     if n_tokens == 0:
-        return torch.zeros(0, dtype=torch.bool, device=device)
-    if valid is None:
-        valid = torch.ones(n_tokens, dtype=torch.bool, device=device)
-    # A valid token's rank is the number of valid tokens before it in (value, position)
-    # order: a stable sort by value and a cumsum (invalid tokens get unused ranks).
+        return torch.zeros(0, dtype=torch.bool, device=values.device)
     if bounds is None:
-        # Equal-length segments: rows of a [S, seg_len] view.
-        rows, valid_rows = values.view(-1, seg_len), valid.view(-1, seg_len)
-        by_value = torch.sort(rows, dim=-1, stable=True).indices
-        before = valid_rows.gather(-1, by_value).long().cumsum(-1) - 1
-        rank = torch.empty_like(by_value).scatter_(-1, by_value, before)
-        return (valid_rows & _in_band(rank, valid_rows.sum(-1, keepdim=True), lo, hi)).view(-1)
+        rows = values.view(-1, seg_len)
+        valid_rows = None if valid is None else valid.view(-1, seg_len)
+        # The window method needs every masked-out token to sort after every valid one, which
+        # fails only for a NaN at a valid position (possible under torch.compile, which skips
+        # the NaN check). Reading the data to rule that out is free on the CPU only.
+        if valid_rows is None or (
+            values.device.type == "cpu" and not bool((valid_rows & rows.isnan()).any())
+        ):
+            return _band_rows_by_window(rows, valid_rows, lo, hi).view(-1)
+        return _band_rows_by_count(rows, valid_rows, lo, hi).view(-1)
+    return _band_segments_by_count(values, valid, bounds, lo, hi)
 
-    # Segments between offsets: a second stable sort by segment keeps the value order inside
-    # each segment; then subtract the valid tokens of the earlier segments. Gathers are
-    # index_select and segment ids a cumsum: advanced indexing, searchsorted and
-    # repeat_interleave parallelise badly on a busy CPU.
+
+def _band_rows_by_window(
+    rows: torch.Tensor, valid_rows: torch.Tensor | None, lo: float, hi: float
+) -> torch.Tensor:
+    """Equal-length scopes as rows ``[S, L]``, no NaN at a valid position: masked-out tokens
+    become NaN, which a stable sort puts after every valid value, so the valid tokens take
+    sorted places ``0..n-1`` in the rule's (value, position) order and the band is a window
+    of sorted places. One sort, one comparison, one scatter: a bare per-row sort's work."""
+    keyed = rows if valid_rows is None else rows.masked_fill(~valid_rows, math.nan)
+    order = torch.sort(keyed, dim=-1, stable=True).indices
+    n_valid = rows.shape[-1] if valid_rows is None else valid_rows.sum(-1, keepdim=True)
+    first, stop = rank_window(n_valid, lo, hi)
+    places = torch.arange(rows.shape[-1], device=rows.device)
+    in_window = (places >= first) & (places < stop)
+    if valid_rows is None:
+        in_window = in_window.expand(rows.shape)
+    return torch.zeros(rows.shape, dtype=torch.bool, device=rows.device).scatter_(
+        -1, order, in_window
+    )
+
+
+def _band_rows_by_count(
+    rows: torch.Tensor, valid_rows: torch.Tensor, lo: float, hi: float
+) -> torch.Tensor:
+    """Equal-length scopes as rows ``[S, L]``, any values: a valid token's rank is the number
+    of valid tokens before it in (value, position) order, a stable sort and a cumsum
+    (masked-out tokens get unused ranks)."""
+    by_value = torch.sort(rows, dim=-1, stable=True).indices
+    before = valid_rows.gather(-1, by_value).long().cumsum(-1) - 1
+    rank = torch.empty_like(by_value).scatter_(-1, by_value, before)
+    first, stop = rank_window(valid_rows.sum(-1, keepdim=True), lo, hi)
+    return valid_rows & (rank >= first) & (rank < stop)
+
+
+def _band_segments_by_count(
+    values: torch.Tensor,
+    valid: torch.Tensor | None,
+    bounds: torch.Tensor,
+    lo: float,
+    hi: float,
+) -> torch.Tensor:
+    """Scopes between offsets ``bounds [S + 1]``: a second stable sort by segment keeps the
+    value order inside each segment; then subtract the valid tokens of earlier segments.
+    Gathers are index_select and segment ids a cumsum: advanced indexing, searchsorted and
+    repeat_interleave parallelise badly on a busy CPU."""
+    n_tokens = values.numel()
+    if valid is None:
+        valid = torch.ones(n_tokens, dtype=torch.bool, device=values.device)
     bounds = bounds.to(torch.int64).contiguous()
     segment = _segment_ids(bounds, n_tokens)
     by_value = torch.sort(values, stable=True).indices
@@ -104,14 +169,8 @@ def band_mask_torch(
     end_valid = running.index_select(0, bounds[1:])
     rank = torch.empty_like(order).scatter_(0, order, before)
     rank -= first_valid.index_select(0, segment)
-    n_valid = (end_valid - first_valid).index_select(0, segment)
-    return valid & _in_band(rank, n_valid, lo, hi)
-
-
-def _in_band(rank: torch.Tensor, n_valid: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    # Same float64 operations as the band rule's floor(n*lo + 1e-9).
-    n_valid = n_valid.double()
-    return (rank >= torch.floor(n_valid * lo + 1e-9)) & (rank < torch.floor(n_valid * hi + 1e-9))
+    first, stop = rank_window((end_valid - first_valid).index_select(0, segment), lo, hi)
+    return valid & (rank >= first) & (rank < stop)
 
 
 def _segment_ids(bounds: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -191,9 +250,11 @@ def entropy_band_mask(
     """Tokens whose entropy rank inside their scope lies in ``band``.
 
     Band rule: within a scope, sort the n valid tokens by (entropy ascending, flat position
-    ascending) and select rank r iff ``floor(n*lo + 1e-9) <= r < floor(n*hi + 1e-9)``. The
-    default band keeps the middle third; ``(0, 1)`` keeps every valid token, ``(2/3, 1)``
-    the top third. Invalid (masked) tokens are never selected.
+    ascending) and select rank r iff its midpoint lies in the band, ``lo*n <= r + 0.5 <
+    hi*n`` (in float64). The default band keeps the middle third (n = 1: its token; n = 2:
+    none; n = 3: rank 1; n = 7: ranks 2 to 4); ``(0, 1)`` keeps every valid token,
+    ``(2/3, 1)`` the top third, and the three thirds partition the tokens. Invalid (masked)
+    tokens are never selected.
 
     Args:
         entropy: padded ``[B, T]``, or packed ``[N]`` with ``cu_seqlens``; float16 /
@@ -216,10 +277,16 @@ def entropy_band_mask(
 
     Raises:
         TypeError: wrong types or dtypes.
-        ValueError: wrong shapes, devices, band, scope or group_size; bad cu_seqlens or NaN
-            at a valid position. These two read values (one host sync each on a GPU) and are
-            skipped under ``torch.compile``, where NaN ranks above +inf (as in
-            ``torch.sort``) and the select itself never syncs.
+        ValueError: wrong shapes, devices, band, scope or group_size; on CPU tensors also bad
+            cu_seqlens or NaN at a valid position.
+
+    Host synchronisation: none on a CUDA / ROCm device. There the two value checks (bad
+    cu_seqlens, NaN at a valid position) run on the device (``torch._assert_async``): a
+    violation fails the next synchronising CUDA call with a device-side assertion (whose
+    message names the check) and leaves the CUDA context unusable, as any device-side
+    assertion does. ``SAEI_SYNC_CHECKS=1`` makes them read the values on the host instead
+    (one sync each) and raise the ``ValueError`` of the CPU. Under ``torch.compile`` both
+    checks are skipped and NaN ranks above +inf (as in ``torch.sort``).
     """
     entropy, n_rows = _check_layout(entropy, cu_seqlens)
     mask = check_mask(mask, entropy.shape, entropy, "entropy")
@@ -261,7 +328,8 @@ def band_entropy_objective(
 
     Raises:
         TypeError / ValueError: wrong types, dtypes, shapes or devices; bad cu_seqlens (a
-        value check skipped under ``torch.compile``).
+        value check that runs on the device for CUDA tensors, as in
+        :func:`entropy_band_mask`, and is skipped under ``torch.compile``).
     """
     entropy, _ = _check_layout(entropy, cu_seqlens)
     band_mask = check_mask(band_mask, entropy.shape, entropy, "entropy", name="band_mask")

@@ -1,6 +1,9 @@
 """Which implementation an op runs: Triton kernels or the memory-light PyTorch path.
 
-CUDA tensors go to Triton, CPU tensors to the chunked PyTorch path. ``SAEI_IMPL=triton|torch``
+GPU tensors go to Triton, CPU tensors to the chunked PyTorch path. A ROCm build of torch
+(``torch.version.hip`` set) exposes AMD GPUs as ``cuda`` devices, and Triton compiles the
+same kernels for them (each launcher picks its configuration per target), so AMD GPUs take
+the Triton path too. ``SAEI_IMPL=triton|torch``
 (or an ``impl=`` argument on the ``saei_fast.ops`` entry points) forces one; forcing Triton on
 CPU tensors is only possible under ``TRITON_INTERPRET=1``, which is how the kernels are tested
 on machines without a GPU.
@@ -31,6 +34,12 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def is_gpu(device: torch.device) -> bool:
+    """True for an NVIDIA GPU on a CUDA build of torch and an AMD GPU on a ROCm build: both
+    are ``cuda`` devices to torch, and Triton has a backend for both."""
+    return device.type == "cuda"
+
+
 def resolve_impl(impl: str | None, device: torch.device) -> str:
     """Return ``"triton"`` or ``"torch"`` for tensors on ``device``.
 
@@ -44,12 +53,12 @@ def resolve_impl(impl: str | None, device: torch.device) -> str:
     if requested == "torch":
         return "torch"
     if requested == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        return "triton" if is_gpu(device) and triton_available() else "torch"
     if not triton_available():
         raise ValueError("impl='triton' was requested but Triton is not installed")
-    if device.type != "cuda" and not triton_interpreting():
+    if not is_gpu(device) and not triton_interpreting():
         raise ValueError(
-            f"impl='triton' needs CUDA tensors, got tensors on {device}; set "
-            "TRITON_INTERPRET=1 before importing saei_fast to run the kernels on the CPU"
+            f"impl='triton' needs GPU tensors (CUDA or ROCm), got tensors on {device}; "
+            "set TRITON_INTERPRET=1 before importing saei_fast to run the kernels on the CPU"
         )
     return "triton"

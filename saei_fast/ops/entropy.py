@@ -148,6 +148,9 @@ def entropy(
 
     Returns:
         ``[...]`` float32 (float64 for float64 logits), differentiable w.r.t. ``logits``.
+        A position whose upstream gradient is 0 is treated as masked in the backward: it
+        gets exactly 0 gradient even when its logits are not finite (so an all ``-inf`` row
+        left out of the loss with ``torch.where`` does not turn the gradient into NaN).
 
     Raises:
         TypeError: ``logits``/``mask`` of the wrong type or dtype, non-float temperature.
@@ -179,7 +182,8 @@ def logprobs_and_entropy(
 
     Returns:
         Two ``[...]`` float32 tensors (float64 for float64 logits), both differentiable
-        w.r.t. ``logits``; masked positions are 0.
+        w.r.t. ``logits``; masked positions are 0. A position whose upstream gradients are
+        both 0 gets exactly 0 gradient, as in :func:`entropy`.
 
     Raises:
         TypeError / ValueError: as :func:`entropy`, plus wrong label dtype, shape or range.

@@ -55,8 +55,8 @@ def from_processor(processor: object) -> PixelSpace:
     rescale_factor = getattr(image_processor, "rescale_factor", UINT8_SCALE)
     if not do_rescale or not math.isclose(rescale_factor, UINT8_SCALE, rel_tol=1e-6):
         raise ValueError(
-            f"{name} must rescale 8-bit pixels to [0, 1] (do_rescale=True, rescale_factor="
-            f"1/255), got do_rescale={do_rescale}, rescale_factor={rescale_factor}"
+            f"processor ({name}) must rescale 8-bit pixels to [0, 1] (do_rescale=True, "
+            f"rescale_factor=1/255), got do_rescale={do_rescale}, rescale_factor={rescale_factor}"
         )
     mean, std = image_processor.image_mean, image_processor.image_std
     if not getattr(image_processor, "do_normalize", True) or mean is None or std is None:

@@ -106,7 +106,8 @@ class PixelSpace(abc.ABC):
             A new tensor shaped like ``pixel_values``, in its dtype.
 
         Raises:
-            TypeError / ValueError: wrong tensor types, shapes, fields or ``alpha <= 0``.
+            TypeError / ValueError: wrong tensor types, shapes, fields or ``alpha <= 0``;
+                non-finite ``pixel_values`` or NaN in ``grad``.
         """
         pixel_values = check_float_tensor("pixel_values", pixel_values)
         grad = check_float_tensor("grad", grad)
@@ -114,6 +115,9 @@ class PixelSpace(abc.ABC):
         alpha = check_positive_float("alpha", alpha)
         fields = self._fields(fields)
         self._check_layout(pixel_values, fields)
+        # sign(NaN) is NaN: a NaN gradient or pixel would silently poison the image.
+        _check_finite("pixel_values", pixel_values)
+        _check_not_nan("grad", grad)
         direction = self._tie_gradient(self._channel_view(grad).double()).sign()
         valid = self._valid_view(pixel_values, fields)
         if valid is not None:
@@ -140,6 +144,10 @@ class PixelSpace(abc.ABC):
 
         Returns:
             A new tensor shaped like ``adv``, in its dtype.
+
+        Raises:
+            TypeError / ValueError: wrong tensor types, shapes or fields, NaN in ``adv``,
+                non-finite ``clean``, ``eps <= 0``.
         """
         adv = check_float_tensor("adv", adv)
         clean = check_float_tensor("clean", clean)
@@ -148,6 +156,10 @@ class PixelSpace(abc.ABC):
             eps = check_positive_float("eps", eps)
         fields = self._fields(fields)
         self._check_layout(adv, fields)
+        # max/min propagate NaN: the result would not be in the valid range. An infinite
+        # ``adv`` is clipped like any value out of range.
+        _check_not_nan("adv", adv)
+        _check_finite("clean", clean)
         device = adv.device
         mean, std = self._mean(device), self._std(device)
         lower, upper = -mean / std, (1.0 - mean) / std
@@ -168,7 +180,14 @@ class PixelSpace(abc.ABC):
         Values are clipped to [0, 1] and rounded to the nearest of the 256 levels, so images
         the processor produced from 8-bit pictures (and k/255 steps of them) convert exactly.
         """
-        return [tensor_to_pil(image) for image in self.to_images(pixel_values, **fields)]
+        images = self.to_images(pixel_values, **fields)
+        for index, image in enumerate(images):
+            if not bool(torch.isfinite(image).all()):
+                raise ValueError(
+                    f"pixel_values has non-finite values (NaN or +-inf) in image {index}; "
+                    "it cannot become a PIL image"
+                )
+        return [tensor_to_pil(image) for image in images]
 
     def image_batch_fields(self, inputs: Mapping[str, object]) -> dict:
         """The entries of a model batch that this space's methods take as ``**fields``."""
@@ -228,6 +247,9 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     image = check_float_tensor("image", image)
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"image must be [C, H, W] with C = 1 or 3, got {tuple(image.shape)}")
+    if not bool(torch.isfinite(image).all()):
+        # Clamping would turn NaN into black and +-inf into white without a word.
+        raise ValueError("image has non-finite values (NaN or +-inf); it cannot become a PIL image")
     levels = (image.detach().double().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
     array = levels.permute(1, 2, 0).cpu().numpy()
     if array.shape[2] == 1:
@@ -262,6 +284,23 @@ def _per_channel(name: str, value: object, channels: int | None) -> tuple[float,
     if channels is not None and len(values) != channels:
         raise ValueError(f"{name} must have {channels} values (one per channel), got {values}")
     return values
+
+
+def _check_finite(name: str, values: torch.Tensor) -> None:
+    """No NaN or +-inf in ``values`` (one host sync on a GPU: a step or a projection costs
+    far more)."""
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} has non-finite values (NaN or +-inf), e.g. at index "
+            f"{bad.nonzero()[0].tolist()}"
+        )
+
+
+def _check_not_nan(name: str, values: torch.Tensor) -> None:
+    bad = torch.isnan(values)
+    if bool(bad.any()):
+        raise ValueError(f"{name} has NaN values, e.g. at index {bad.nonzero()[0].tolist()}")
 
 
 def _check_same_shape(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from saei_fast.ops._checks import check_positive_int, check_tensor
+from saei_fast.ops._checks import check_float_tensor, check_positive_int, check_tensor
 from saei_fast.pixels.base import PixelSpace, check_images, image_dtype
 
 
@@ -35,6 +35,7 @@ class ImageSpace(PixelSpace):
     # ---------------------------------------------------------------------------------------
 
     def _check_layout(self, pixel_values: torch.Tensor, fields: dict) -> None:
+        check_float_tensor("pixel_values", pixel_values)
         if pixel_values.dim() not in (4, 5):
             raise ValueError(
                 f"pixel_values must be [B, C, H, W] or [B, N, C, H, W], got "

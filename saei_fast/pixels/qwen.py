@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from saei_fast.ops._checks import check_positive_int, check_tensor
+from saei_fast.ops._checks import check_float_tensor, check_positive_int, check_tensor
 from saei_fast.pixels.base import PixelSpace, check_images, image_dtype
 
 
@@ -62,6 +62,7 @@ class QwenPatchSpace(PixelSpace):
     # ---------------------------------------------------------------------------------------
 
     def _check_layout(self, pixel_values: torch.Tensor, fields: dict) -> None:
+        check_float_tensor("pixel_values", pixel_values)
         if pixel_values.dim() != 2 or pixel_values.shape[1] != self.patch_dim:
             raise ValueError(
                 f"pixel_values must be [num_patches, C*T*P*P] = [num_patches, {self.patch_dim}] "

@@ -1,0 +1,101 @@
+"""saei-fast's fused head for the log-probs and entropies of TRL's loss, old and reference
+passes (``SaEIConfig(saei_fused_head=True)``).
+
+TRL 1.16 computes them in ``GRPOTrainer._get_per_token_logps_and_entropies``, which slices
+the batch, then calls ``model(**inputs, labels=labels, fused_lm_head=True)`` (TRL's chunked
+head, installed on the model by ``add_fused_lm_head``). :class:`FusedHead` stands in for
+``model`` in that one call: the same backbone forward, then
+:func:`saei_fast.linear_logprobs_and_entropy` on the positions whose label is not -100,
+with the same semantics as TRL's head (temperature, logit multipliers folded into the
+temperature, ``cast_lm_head_to_fp32``). Everything else (slicing, autocast, the loss) stays
+TRL's. Models or calls it cannot serve exactly go to TRL's head (:func:`unsupported_reason`).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from saei_fast._attack_model import unwrap_peft
+from saei_fast.ops import linear_logprobs_and_entropy
+
+
+def logit_multiplier(text_config) -> float:
+    """The factor a model applies to its logits after the head, read as TRL's head reads it
+    (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``)."""
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(text_config, name, None)
+        if value is not None:
+            return float(value)
+    scaling = getattr(text_config, "logits_scaling", None)
+    if scaling is not None:
+        return float(scaling) if text_config.model_type == "hyperclovax" else 1.0 / scaling
+    return 1.0
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why :class:`FusedHead` cannot stand in for ``model`` (None: it can)."""
+    hf_model = unwrap_peft(model)
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return "prompt-learning PEFT adapters change the labels"
+    get_head = getattr(hf_model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, torch.nn.Linear):
+        return f"the output head is {type(head).__name__}, not an nn.Linear"
+    text_config = hf_model.config.get_text_config()
+    if getattr(text_config, "final_logit_softcapping", None) is not None:
+        return "the model soft-caps its logits (final_logit_softcapping)"
+    if not logit_multiplier(text_config) > 0:
+        return "the model's logit multiplier is not positive"
+    return None
+
+
+class FusedHead:
+    """Callable in place of ``model`` for TRL's ``fused_lm_head=True`` call.
+
+    Args:
+        model: the (unwrapped, possibly ``peft``) policy or reference model on which TRL
+            installed its fused head.
+        temperature: the temperature TRL's head divides by.
+
+    With ``cast_lm_head_to_fp32`` TRL keeps the head's weight in float32; the hidden states
+    are cast to the weight's dtype, which is that setting's semantics.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, temperature: float) -> None:
+        self.model = model
+        self.hf_model = unwrap_peft(model)
+        text_config = self.hf_model.config.get_text_config()
+        # logits * m / T: the multiplier folds into the temperature.
+        self.temperature = temperature / logit_multiplier(text_config)
+
+    def __call__(self, *args, labels: torch.Tensor, fused_lm_head: bool = True, **kwargs):
+        if not fused_lm_head or kwargs.get("output_router_logits"):
+            # MoE load-balancing losses come from TRL's head, which requests the router logits.
+            return self.model(*args, labels=labels, fused_lm_head=fused_lm_head, **kwargs)
+        kwargs["use_cache"] = False
+        backbone = self.hf_model.base_model(*args, **kwargs)
+        head = self.hf_model.get_output_embeddings()
+        weight, bias = head.weight, head.bias
+        hidden = backbone.last_hidden_state[:, :-1].to(weight.device)
+        labels = labels[:, 1:].to(weight.device)
+        mask = labels != -100
+        # Only the scored positions reach the head; autocast off so that the head runs in
+        # its weight's dtype (float32 with cast_lm_head_to_fp32), as in TRL's head.
+        with torch.autocast(hidden.device.type, enabled=False):
+            logps, entropy = linear_logprobs_and_entropy(
+                hidden[mask].to(weight.dtype),
+                weight,
+                labels[mask],
+                bias=bias,
+                temperature=self.temperature,
+            )
+        zeros = logps.new_zeros(mask.shape)
+        return SimpleNamespace(
+            log_probs=zeros.masked_scatter(mask, logps),
+            entropy=zeros.masked_scatter(mask, entropy),
+            aux_loss=None,
+            label_mask=mask,
+        )

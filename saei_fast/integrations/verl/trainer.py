@@ -1,0 +1,71 @@
+"""``saei_sync``: verl's synchronous v1 trainer with the SaEI actor worker installed.
+
+Selected with ``trainer.v1.trainer_mode=saei_sync`` (registered by the plugin when verl
+imports its trainer registry). It differs from verl's ``sync`` trainer in three places:
+
+- start-up: the ``saei`` block is validated against the whole config
+  (:func:`saei_fast.integrations.verl.config.settings_from_trainer_config`), and a plugin
+  registration failure stops the run;
+- ``_init_resource_pool_mgr``: the actor role's worker class becomes
+  :class:`~saei_fast.integrations.verl.worker.SaEIActorRolloutRefWorker` (verl's own
+  ``PPOTrainerSeparateAsync`` swaps its worker the same way);
+- ``_setup``: after the worker groups exist, the actor workers' Ray names go to
+  ``config.saei._runtime``; verl hands this config to the agent-loop workers it creates next,
+  where :mod:`saei_fast.integrations.verl.client` re-attaches to them.
+
+Everything else (rewards, GRPO advantages over each uid, old/ref log-probs and the update on
+the clean images, weight sync) is verl's.
+"""
+
+from __future__ import annotations
+
+import ray
+from omegaconf import open_dict
+from verl.trainer.ppo.utils import Role
+from verl.trainer.ppo.v1 import trainer_base
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+from saei_fast.integrations.verl import plugin
+from saei_fast.integrations.verl.config import TRAINER_NAME, settings_from_trainer_config
+from saei_fast.integrations.verl.worker import SaEIActorRolloutRefWorker
+
+_ACTOR_ROLES = (Role.Actor, Role.ActorRolloutRef, Role.ActorRollout)
+
+
+class SaEITrainer(PPOTrainerSync):
+    """verl's ``sync`` trainer sampling SaEI groups (see the module docstring)."""
+
+    def __init__(self, config) -> None:
+        if plugin.REGISTRATION_ERRORS:
+            raise RuntimeError(
+                "saei-fast's verl plugin failed to register: "
+                + "; ".join(plugin.REGISTRATION_ERRORS)
+            )
+        self.saei_settings = settings_from_trainer_config(config)
+        super().__init__(config)
+
+    def _init_resource_pool_mgr(self) -> None:
+        super()._init_resource_pool_mgr()
+        for role in _ACTOR_ROLES:
+            if role in self.role_worker_mapping:
+                self.role_worker_mapping[role] = ray.remote(SaEIActorRolloutRefWorker)
+                self.saei_actor_role = role
+                return
+        raise RuntimeError(f"no actor role among {sorted(map(str, self.role_worker_mapping))}")
+
+    def _setup(self) -> None:
+        super()._setup()
+        with open_dict(self.config):
+            self.config.saei._runtime = {
+                "worker_names": list(self.actor_rollout_wg.worker_names),
+                "role": str(self.saei_actor_role),
+            }
+
+
+def register(registry=trainer_base) -> None:
+    """Register :class:`SaEITrainer` as ``saei_sync`` in verl's trainer registry (once)."""
+    if registry.TRAINER_REGISTRY.get(TRAINER_NAME) is not SaEITrainer:
+        registry.register_trainer(TRAINER_NAME)(SaEITrainer)
+
+
+register()

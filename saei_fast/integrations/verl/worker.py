@@ -1,0 +1,167 @@
+"""The actor side of SaEI on verl: the band objective's pixel gradient on the FSDP actor.
+
+:class:`SaEIActorRolloutRefWorker` is verl's ``ActorRolloutRefWorker`` plus one worker method,
+``saei_attack``, registered with the actor mesh's data-parallel dispatch (the dispatch of
+``compute_log_prob``). Its input is a ``DataProto`` with one row per prompt group: a
+``non_tensor_batch["saei_group"]`` dict holding the model batch of the group's clean
+responses (``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``, ...,
+``completion_mask``, ``image_rows``); ``meta_info`` carries the pixel space, the
+:class:`saei_fast.AttackConfig` and the mode. Per group it returns (``saei_result``):
+
+- ``mode="attack"``: :func:`saei_fast.entropy_attack` on the group, the adversarial
+  ``pixel_values`` of one image (every row of a group shares it) and the objective before and
+  after;
+- ``mode="gradient"``: :func:`saei_fast.attack.pixel_gradient` summed over the group's rows
+  (the gradient whose sign ``entropy_attack`` steps along).
+
+The actor's parameters are frozen for the call and no parameter gradient is made
+(``entropy_attack`` does that), rows are micro-batched by ``AttackConfig.micro_batch_size``,
+and the module's train/eval mode is restored afterwards. Every rank runs the same number of
+groups (the caller pads), so FSDP's collectives line up.
+
+verl installs the worker through its trainer's resource-pool hook: the ``saei_sync`` trainer
+(:mod:`saei_fast.integrations.verl.trainer`) maps the actor role to this class in
+``_init_resource_pool_mgr``, as verl's own ``PPOTrainerSeparateAsync`` does for its worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from verl import DataProto
+from verl.single_controller.base.decorator import make_nd_compute_dataproto_dispatch_fn, register
+from verl.workers.engine_workers import ActorRolloutRefWorker
+
+from saei_fast.attack import AttackConfig, entropy_attack, pixel_gradient
+from saei_fast.pixels.base import PixelSpace
+
+MODES = ("attack", "gradient")
+
+
+def run_groups(
+    model: torch.nn.Module,
+    groups: Sequence[dict],
+    *,
+    space: PixelSpace,
+    config: AttackConfig,
+    mode: str,
+) -> list[dict]:
+    """Attack (or take the pixel gradient of) each group on ``model`` (the unwrapped HF VLM).
+
+    Every group is one call of the attack with ``group_size`` = its rows, so all rows of a
+    group get one image; the result holds the first row's ``image_rows`` rows of
+    ``pixel_values`` (one copy of the group's image).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    device = next(model.parameters()).device
+    results = []
+    for group in groups:
+        inputs = {
+            key: value.to(device)
+            for key, value in group.items()
+            if key not in ("completion_mask", "image_rows")
+        }
+        completion_mask = group["completion_mask"].to(device)
+        rows, image_rows = completion_mask.shape[0], int(group["image_rows"])
+        group_config = AttackConfig(
+            **{**_config_fields(config), "group_size": rows, "measure_after": mode == "attack"}
+        )
+        if mode == "attack":
+            result = entropy_attack(
+                model, inputs, completion_mask, space=space, config=group_config
+            )
+            results.append(
+                {
+                    "pixel_values": result.pixel_values[:image_rows].detach().cpu(),
+                    "entropy_before": result.entropy_before,
+                    "entropy_after": result.entropy_after,
+                    "num_selected": result.num_selected,
+                }
+            )
+        else:
+            gradient = pixel_gradient(
+                model, inputs, completion_mask, space=space, config=group_config
+            )
+            grad = gradient.grad.reshape(rows, image_rows, *gradient.grad.shape[1:]).sum(0)
+            results.append(
+                {
+                    "grad": grad.detach().cpu(),
+                    "objective": gradient.objective,
+                    "num_selected": int(gradient.band_mask.sum()),
+                }
+            )
+    return results
+
+
+def _config_fields(config: AttackConfig) -> dict:
+    return {name: getattr(config, name) for name in AttackConfig.__dataclass_fields__}
+
+
+@contextlib.contextmanager
+def restored_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode inside (no dropout in the attack), the module's own mode restored after."""
+    modes = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for child, training in modes:
+            child.training = training
+
+
+@contextlib.contextmanager
+def unwrapped_actor(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The HF model inside verl's FSDP wrapping, with the root's parameters gathered.
+
+    The attack calls ``model.base_model`` (each decoder layer's own FSDP unit gathers its
+    weights) and reads the head weight directly, so the root unit (embeddings, final norm,
+    head) is gathered for the call. FSDP1: ``summon_full_params(recurse=False)``; FSDP2
+    (``fully_shard``): ``unshard()`` / ``reshard()`` of the root.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(module, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(module, recurse=False, writeback=False):
+            yield module.module
+        return
+    unshard = getattr(module, "unshard", None)
+    if callable(unshard) and callable(getattr(module, "reshard", None)):
+        unshard()
+        try:
+            yield module
+        finally:
+            module.reshard()
+        return
+    yield module
+
+
+def saei_attack_on(model: torch.nn.Module, data: DataProto) -> DataProto:
+    """The worker method's body on an unwrapped model (shared by the FSDP worker and tests)."""
+    meta = data.meta_info
+    groups = list(data.non_tensor_batch["saei_group"])
+    with restored_mode(model):
+        results = run_groups(
+            model,
+            groups,
+            space=meta["saei_space"],
+            config=meta["saei_config"],
+            mode=meta.get("saei_mode", "attack"),
+        )
+    column = np.empty(len(results), dtype=object)
+    column[:] = results
+    return DataProto.from_dict(non_tensors={"saei_result": column})
+
+
+class SaEIActorRolloutRefWorker(ActorRolloutRefWorker):
+    """verl's ``ActorRolloutRefWorker`` with the ``saei_attack`` worker method."""
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+    def saei_attack(self, data: DataProto) -> DataProto:
+        engine = self.actor.engine
+        # eval_mode loads offloaded parameters onto the device (and offloads them again).
+        with engine.eval_mode(), unwrapped_actor(engine.module) as model:
+            return saei_attack_on(model, data)

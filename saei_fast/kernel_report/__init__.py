@@ -1,0 +1,1 @@
+"""The compile-time kernel report (``saei-fast kernels``)."""

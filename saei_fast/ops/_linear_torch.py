@@ -1,0 +1,188 @@
+"""Linear entropy by chunks of materialised logits: the PyTorch path (CPU, float64) and the
+chunked Triton variant (cuBLAS logits + the entropy-from-logits kernels, kept for
+benchmarks). Plain tensors, no autograd.
+
+Each chunk's logits come from one GEMM in the input dtype (as ``F.linear`` returns them) and
+are turned into statistics in the accumulation dtype; the backward recomputes them and turns
+them into the gradient w.r.t. the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saei_fast.ops import _torch_entropy, _torch_fused
+from saei_fast.ops._linear_chunks import chunk_logits, chunks, owned_labels
+
+
+def _acc_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A fresh chunk of logits in the accumulation dtype, a buffer the caller may overwrite
+    (no copy when the GEMM already produced it in that dtype)."""
+    return logits.to(_torch_entropy.accumulation_dtype(logits.dtype))
+
+
+def forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    inv_temperature: float,
+    impl: str,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(entropy, logprobs or None, stats)`` of the rows ``rows`` (None: all), chunk by chunk;
+    rows not computed give 0. ``impl`` is ``"torch"`` or ``"triton_chunked"``."""
+    N, V = hidden.shape[0], weight.shape[0]
+    acc = _torch_entropy.accumulation_dtype(hidden.dtype)
+    entropy = torch.zeros(N, dtype=acc, device=hidden.device)
+    stats = torch.zeros(N, 2, dtype=acc, device=hidden.device)
+    logprobs = torch.zeros_like(entropy) if labels is not None else None
+    n_rows = N if rows is None else rows.numel()
+    for _, index in chunks(n_rows, rows, chunk_rows):
+        logits = chunk_logits(hidden[index], weight, bias)
+        chunk_labels = None if labels is None else labels[index]
+        if impl == "triton_chunked":
+            from saei_fast.kernels.entropy_logits import entropy_fwd
+
+            h, lp, chunk_stats = entropy_fwd(logits, chunk_labels, None, inv_temperature)
+            del logits
+        else:
+            x = _acc_logits(logits)
+            del logits
+            safe_labels = in_range = None
+            if chunk_labels is not None:
+                safe_labels, in_range = owned_labels(chunk_labels, V)
+            h, lp, chunk_stats = _torch_entropy.rows_forward(x, safe_labels, inv_temperature)
+            # Free the chunk before the next one is allocated.
+            del x
+            if lp is not None:
+                lp = torch.where(in_range, lp, torch.nan)
+        entropy[index] = h
+        stats[index] = chunk_stats
+        if logprobs is not None:
+            logprobs[index] = lp
+    return entropy, logprobs, stats
+
+
+def grad_logits_chunk(
+    impl, hidden, weight, bias, index, labels, entropy, stats, g_h, g_lp, inv_t
+) -> torch.Tensor:
+    """The gradient w.r.t. the recomputed logits of the rows ``index``, ``[c, V]`` in the
+    weight's dtype."""
+    logits = chunk_logits(hidden[index], weight, bias)
+    chunk_labels = None if labels is None else labels[index]
+    chunk_g_lp = None if g_lp is None else g_lp[index]
+    if impl == "triton_chunked":
+        from saei_fast.kernels.entropy_logits import entropy_bwd
+
+        # In place: the chunk's logits become their gradient.
+        return entropy_bwd(
+            logits,
+            chunk_labels,
+            None,
+            entropy[index],
+            stats[index],
+            g_h[index],
+            chunk_g_lp,
+            inv_t,
+            out=logits,
+        )
+    x = _acc_logits(logits)
+    del logits
+    grad = _torch_entropy.rows_backward(
+        x, stats[index], entropy[index], g_h[index], chunk_g_lp, None, inv_t
+    )
+    if chunk_labels is not None:
+        # The one-hot term, only for labels this weight owns (see linear_forward).
+        safe_labels, in_range = owned_labels(chunk_labels, weight.shape[0])
+        onehot = torch.where(in_range, chunk_g_lp * inv_t, 0.0)
+        grad.scatter_add_(1, safe_labels.unsqueeze(1), onehot.unsqueeze(1))
+    return grad.to(weight.dtype)
+
+
+def _entropy_and_logits_grad(x: torch.Tensor, scratch: torch.Tensor, inv_temperature: float):
+    """Entropy of each row of raw logits ``x [c, V]`` (accumulation dtype), and ``dH/dx``
+    written over ``x``; ``scratch`` is a second ``[c, V]`` buffer. Two buffers in all.
+
+    Same statistics as ``_torch_entropy.rows_forward`` (shift by the row max before scaling
+    by ``1/T``), then ``dH/dx = p * (-log p - H) / T = (e / s) * (w / s - d) / T`` with
+    ``d = (x - max) / T``, ``e = exp(d)``, ``s = sum e``, ``w = sum e * d``.
+    """
+    if _torch_fused.usable(x):
+        # One compiled loop per row block instead of the passes below (issue of OpenMP
+        # regions on a busy CPU); None when compilation is unavailable.
+        fused = _torch_fused.entropy_and_grad(x, inv_temperature)
+        if fused is not None:
+            return fused
+    d = x.sub_(x.amax(dim=1, keepdim=True))
+    if inv_temperature != 1.0:
+        d.mul_(inv_temperature)
+    e = torch.exp(d, out=scratch)
+    total = e.sum(dim=1, keepdim=True)
+    # Clamp -inf logits to a finite value whose exp is already 0, so that 0 * (-inf) never
+    # appears below (see _torch_entropy._log_smallest).
+    d.clamp_(min=_torch_entropy._log_smallest(d.dtype))
+    # sum(e * d) column block by column block: no third [c, V] buffer, and pairwise
+    # summation within each block.
+    weighted = torch.zeros_like(total)
+    for start in range(0, d.shape[1], 16384):
+        block = slice(start, start + 16384)
+        weighted += (e[:, block] * d[:, block]).sum(dim=1, keepdim=True)
+    mean_d = weighted / total
+    entropy = total.log() - mean_d
+    grad = d.neg_().add_(mean_d).mul_(e).mul_(inv_temperature / total)
+    return entropy.squeeze(1), grad
+
+
+def entropy_with_input_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    inv_temperature: float,
+    impl: str,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(entropy [N], dH/dhidden [N, D])`` of a frozen lm_head, chunk by chunk: each chunk's
+    logits are turned into ``dH/dlogits`` while they are in memory, then
+    ``dH/dhidden = dH/dlogits @ weight``. Two GEMMs; the chunk buffers are allocated once."""
+    N, V = hidden.shape[0], weight.shape[0]
+    acc = _torch_entropy.accumulation_dtype(hidden.dtype)
+    entropy = torch.zeros(N, dtype=acc, device=hidden.device)
+    make = torch.empty if rows is None else torch.zeros
+    input_grad = make(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    n_rows = N if rows is None else rows.numel()
+    if n_rows == 0:
+        return entropy, input_grad
+    chunk_rows = min(chunk_rows, n_rows)
+    if impl == "torch":
+        buffers = torch.empty(2, chunk_rows, V, dtype=acc, device=hidden.device)
+    else:
+        buffers = torch.empty(1, chunk_rows, V, dtype=hidden.dtype, device=hidden.device)
+    for _, index in chunks(n_rows, rows, chunk_rows):
+        hidden_chunk = hidden[index]
+        logits = buffers[0, : hidden_chunk.shape[0]]
+        if hidden.dtype == logits.dtype:
+            if bias is None:
+                torch.mm(hidden_chunk, weight.t(), out=logits)
+            else:
+                torch.addmm(bias, hidden_chunk, weight.t(), out=logits)
+        else:
+            logits.copy_(chunk_logits(hidden_chunk, weight, bias))
+        if impl == "torch":
+            scratch = buffers[1, : hidden_chunk.shape[0]]
+            h, grad_logits = _entropy_and_logits_grad(logits, scratch, inv_temperature)
+            grad_logits = grad_logits.to(weight.dtype)
+        else:
+            from saei_fast.kernels.entropy_logits import entropy_bwd, entropy_fwd
+
+            h, _, stats = entropy_fwd(logits, None, None, inv_temperature)
+            ones = torch.ones_like(h)
+            # In place: the chunk's logits become dH/dlogits.
+            grad_logits = entropy_bwd(
+                logits, None, None, h, stats, ones, None, inv_temperature, out=logits
+            )
+        entropy[index] = h
+        input_grad[index] = torch.mm(grad_logits, weight)
+    return entropy, input_grad

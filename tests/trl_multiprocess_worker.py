@@ -1,0 +1,112 @@
+"""Two SaEI steps of SaEIGRPOTrainer in one of several CPU processes (gloo), run by
+tests/test_trl_multiprocess.py through ``saei_fast.demo.distributed.launch``.
+
+Usage: ``python -m trl_multiprocess_worker OUT`` under ``torch.distributed.run``
+(with tests/ on ``PYTHONPATH``). Each rank writes what it saw to ``OUT/rank<r>.json``: the
+values it computed locally before any gathering (attack metrics, rewards, per-group gains),
+the rows it generated, the advantages TRL gave them, the logs and a checksum of the final
+weights. The test compares these across ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from trl_helpers import GROUP, Rewards, make_config, no_stop_tokens
+
+from saei_fast.demo.model import demo_model, demo_processor
+from saei_fast.demo.task import colour_examples, task_words, to_dataset
+from saei_fast.integrations.trl import SaEIGRPOTrainer
+
+
+class RecordingTrainer(SaEIGRPOTrainer):
+    """Keeps this process's values of every ``saei/*`` metric before they are gathered."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.local = {"metrics": {}, "relative_gain": [], "attack_model": [], "rows": []}
+
+    def _saei_log(self, name, value):
+        self.local["metrics"].setdefault(name, []).append(float(value))
+        super()._saei_log(name, value)
+
+    def _saei_log_attack(self, result):
+        relative = result.group_entropy_after / result.group_entropy_before - 1.0
+        self.local["relative_gain"] += relative.tolist()
+        super()._saei_log_attack(result)
+
+    def _saei_attack(self, *args, **kwargs):
+        self.local["attack_model"].append(type(self.model_wrapped).__name__)
+        return super()._saei_attack(*args, **kwargs)
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        self.local["rows"].append(
+            {
+                "image": [_digest(row["image"]) for row in inputs],
+                "advantages": output["advantages"].tolist(),
+                "is_adversarial": output["saei_is_adversarial"].tolist(),
+            }
+        )
+        return output
+
+
+class KeepLogs(TrainerCallback):
+    def __init__(self) -> None:
+        self.logs = []
+
+    def on_log(self, _args, _state, _control, logs=None, **_):
+        if logs and "loss" in logs:
+            self.logs.append({k: v for k, v in logs.items() if isinstance(v, int | float)})
+
+
+def _digest(image) -> str:
+    return hashlib.sha1(np.asarray(image).tobytes()).hexdigest()[:12]
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    processor = demo_processor(task_words())
+    model = demo_model(processor, hidden_size=32, seed=0)  # the same weights on every rank
+    config = make_config(
+        out,
+        # One group per process per step: rewards and advantages must be gathered.
+        per_device_train_batch_size=GROUP,
+        generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
+    )
+    rewards, logs = Rewards(), KeepLogs()
+    trainer = RecordingTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=config,
+        train_dataset=to_dataset(colour_examples(8, seed=3)),
+        processing_class=processor,
+        callbacks=[logs],
+    )
+    trainer.train()
+    weights = torch.cat([p.detach().float().flatten() for p in trainer.model.parameters()])
+    record = {
+        "rank": rank,
+        "world_size": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "local": trainer.local,
+        "rewards": rewards.calls,
+        "logs": logs.logs,
+        "weights_sum": float(weights.double().sum()),
+        "weights_abs_sum": float(weights.double().abs().sum()),
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,122 @@
+"""The ``saei_attack`` worker method on a local Ray CPU cluster, reached as the agent loops
+reach it.
+
+Two workers of :class:`_tiny_actor.TinyActorWorker` (the plugin's actor worker with a tiny
+Qwen2.5-VL sharded by FSDP2 over gloo instead of verl's GPU engine) are created the way
+verl's trainer creates its actor: a colocated worker class in a ``RayResourcePool``, a
+``RayWorkerGroup``, ``spawn`` by role. :class:`RayAttackClient` then re-attaches to them by
+their Ray names (``RayWorkerGroup.from_detached``, what an agent-loop process does with the
+names the ``saei_sync`` trainer records) and calls the method with its registered dispatch.
+"""
+
+import asyncio
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from saei_fast import pixels
+from saei_fast.attack import AttackConfig, entropy_attack, pixel_gradient
+from saei_fast.integrations.verl.client import RayAttackClient
+from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
+
+ROLE = "actor"
+GROUP_ROWS = 3
+
+
+@pytest.fixture(scope="module")
+def actor_workers(ray_cluster):
+    from _tiny_actor import TinyActorWorker
+    from verl.single_controller.ray.base import (
+        RayClassWithInitArgs,
+        RayResourcePool,
+        RayWorkerGroup,
+        create_colocated_worker_cls,
+    )
+
+    config = OmegaConf.create({"actor": {"strategy": "fsdp", "profiler": {}}})
+    worker = RayClassWithInitArgs(
+        cls=ray_cluster.remote(TinyActorWorker), config=config, role=ROLE
+    )
+    pool = RayResourcePool([2], use_gpu=False, max_colocate_count=1)
+    colocated = create_colocated_worker_cls({ROLE: worker})
+    group = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=colocated, device_name="cpu")
+    actor = group.spawn(prefix_set={ROLE})[ROLE]
+    actor.init_model()
+    return actor
+
+
+def _groups(model, processor, seeds):
+    groups, batches = [], []
+    for seed in seeds:
+        batch = vlm_batch(
+            model, processor, random_images(1, (56, 56), seed=seed), group_size=GROUP_ROWS,
+            seed=seed,
+        )
+        image_rows = batch.inputs["pixel_values"].shape[0] // GROUP_ROWS
+        groups.append({**batch.inputs, "completion_mask": batch.completion_mask, "image_rows": image_rows})
+        batches.append(batch)
+    return groups, batches
+
+
+def test_reattached_workers_compute_the_pixel_gradient(ray_cluster, actor_workers):
+    from _tiny_actor import MODEL_SEED
+
+    torch.manual_seed(0)
+    model = tiny_qwen2_5_vl(seed=MODEL_SEED)
+    processor = tiny_qwen_image_processor()
+    space = pixels.from_processor(processor)
+    config = AttackConfig(alpha=2 / 255, micro_batch_size=2)
+    # three groups on two ranks: the client pads to four, so both ranks run two groups
+    groups, batches = _groups(model, processor, seeds=(1, 2, 3))
+    client = RayAttackClient(actor_workers.worker_names, ROLE)
+    before = actor_workers.probe()
+
+    async def requests(mode):
+        # one request per group, concurrently, as the agent loops of three prompts send them
+        return await asyncio.gather(
+            *(client.attack([g], space=space, config=config, mode=mode) for g in groups)
+        )
+
+    gradients = [result for results in asyncio.run(requests("gradient")) for result in results]
+    dispatcher = client.dispatcher()
+    assert ray_cluster.get(dispatcher.world_size.remote()) == 2
+    assert ray_cluster.get(dispatcher.num_calls.remote()) == 1  # three requests, one call
+    after = actor_workers.probe()
+    assert [p["eval_mode_calls"] - q["eval_mode_calls"] for p, q in zip(after, before)] == [1, 1]
+    for state in after:  # sharding, mode and parameters as they were; no parameter gradients
+        assert state["training"] and state["sharded"] and state["requires_grad"]
+        assert state["no_grads"]
+
+    assert len(gradients) == 3
+    for result, group, batch in zip(gradients, groups, batches, strict=True):
+        expected = pixel_gradient(
+            model,
+            batch.inputs,
+            batch.completion_mask,
+            space=space,
+            config=AttackConfig(group_size=GROUP_ROWS),
+        )
+        rows = group["image_rows"]
+        summed = expected.grad.reshape(GROUP_ROWS, rows, -1).sum(0)
+        assert float(summed.abs().sum()) > 0
+        torch.testing.assert_close(result["grad"].reshape(rows, -1), summed, rtol=1e-5, atol=1e-7)
+        # micro-batches of 2 rows sum the objective in another order: float32 rounding
+        assert result["objective"] == pytest.approx(expected.objective, rel=1e-6)
+
+    attacks = [result for results in asyncio.run(requests("attack")) for result in results]
+    for result, group, batch in zip(attacks, groups, batches, strict=True):
+        expected = entropy_attack(
+            model,
+            batch.inputs,
+            batch.completion_mask,
+            space=space,
+            config=AttackConfig(group_size=GROUP_ROWS),
+        )
+        torch.testing.assert_close(
+            result["pixel_values"], expected.pixel_values[: group["image_rows"]]
+        )
+        assert result["entropy_before"] == pytest.approx(expected.entropy_before, rel=1e-6)
+    # a second client (another agent-loop process) finds the same dispatcher
+    other = RayAttackClient(actor_workers.worker_names, ROLE)
+    assert ray_cluster.get(other.dispatcher().num_calls.remote()) == 2
