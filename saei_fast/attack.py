@@ -387,12 +387,17 @@ class _AttackRun:
                 chunk_band = band[start:stop] if band is not None else self._band(entropy, predict)
                 row_values.append(_row_objectives(entropy, chunk_band))
                 objective = _row_sum_objective(entropy, chunk_band)
-                if objective is not None:
-                    # backward() rather than autograd.grad: reentrant gradient checkpointing
-                    # accepts only the former. No parameter requires grad, so the pixels
-                    # are the only leaf that receives a gradient.
-                    objective.backward()
+                if objective is None:
+                    # Nothing selected in this chunk: still run a (zero) backward, so that a
+                    # sharded model (FSDP) issues the same collectives on every rank
+                    # whatever the chunk's selection; the gradient is exactly 0.
+                    objective = entropy.sum() * 0.0
+                else:
                     total += float(objective.detach())
+                # backward() rather than autograd.grad: reentrant gradient checkpointing
+                # accepts only the former. No parameter requires grad, so the pixels are the
+                # only leaf that receives a gradient.
+                objective.backward()
             if leaf.grad is not None:
                 span = self.layout.pixel_span(start, stop) if self.layout else (0, len(pixels))
                 grad[span[0] : span[1]] = leaf.grad

@@ -198,7 +198,9 @@ def _expected_adversarial(model, processor, space, server, rows):
         fill = width - len(row)
         input_ids.append(row + [pad] * fill)
         attention.append([1] * len(row) + [0] * fill)
-        completion.append([False] * len(prompt) + [True] * len(request["response"]) + [False] * fill)
+        completion.append(
+            [False] * len(prompt) + [True] * len(request["response"]) + [False] * fill
+        )
     image_inputs = processor.image_processor(clean[0]["images"], return_tensors="pt")
     input_ids = torch.tensor(input_ids)
     inputs = {
@@ -326,7 +328,9 @@ def test_random_perturbation_uses_the_same_plumbing_without_the_actor(tiny):
         )
     finally:
         set_attack_client(None)
-    adversarial = [_pixels(server.requests[row]["images"][0]) for row in range(N_CLEAN, N_CLEAN + N_ADV)]
+    adversarial = [
+        _pixels(server.requests[row]["images"][0]) for row in range(N_CLEAN, N_CLEAN + N_ADV)
+    ]
     moved = np.abs(adversarial[0] - _pixels(image))
     # every pixel steps by 2/255 with a random sign; only those within 2 of 0 or 255 clip
     assert moved.max() == 2 and (moved == 2).mean() > 0.95

@@ -35,9 +35,7 @@ def actor_workers(ray_cluster):
     )
 
     config = OmegaConf.create({"actor": {"strategy": "fsdp", "profiler": {}}})
-    worker = RayClassWithInitArgs(
-        cls=ray_cluster.remote(TinyActorWorker), config=config, role=ROLE
-    )
+    worker = RayClassWithInitArgs(cls=ray_cluster.remote(TinyActorWorker), config=config, role=ROLE)
     pool = RayResourcePool([2], use_gpu=False, max_colocate_count=1)
     colocated = create_colocated_worker_cls({ROLE: worker})
     group = RayWorkerGroup(resource_pool=pool, ray_cls_with_init=colocated, device_name="cpu")
@@ -50,11 +48,16 @@ def _groups(model, processor, seeds):
     groups, batches = [], []
     for seed in seeds:
         batch = vlm_batch(
-            model, processor, random_images(1, (56, 56), seed=seed), group_size=GROUP_ROWS,
+            model,
+            processor,
+            random_images(1, (56, 56), seed=seed),
+            group_size=GROUP_ROWS,
             seed=seed,
         )
         image_rows = batch.inputs["pixel_values"].shape[0] // GROUP_ROWS
-        groups.append({**batch.inputs, "completion_mask": batch.completion_mask, "image_rows": image_rows})
+        groups.append(
+            {**batch.inputs, "completion_mask": batch.completion_mask, "image_rows": image_rows}
+        )
         batches.append(batch)
     return groups, batches
 
@@ -83,7 +86,10 @@ def test_reattached_workers_compute_the_pixel_gradient(ray_cluster, actor_worker
     assert ray_cluster.get(dispatcher.world_size.remote()) == 2
     assert ray_cluster.get(dispatcher.num_calls.remote()) == 1  # three requests, one call
     after = actor_workers.probe()
-    assert [p["eval_mode_calls"] - q["eval_mode_calls"] for p, q in zip(after, before)] == [1, 1]
+    calls = [
+        a["eval_mode_calls"] - b["eval_mode_calls"] for a, b in zip(after, before, strict=True)
+    ]
+    assert calls == [1, 1]  # one method call on each rank
     for state in after:  # sharding, mode and parameters as they were; no parameter gradients
         assert state["training"] and state["sharded"] and state["requires_grad"]
         assert state["no_grads"]

@@ -115,12 +115,20 @@ def restored_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 @contextlib.contextmanager
 def unwrapped_actor(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The HF model inside verl's FSDP wrapping, with the root's parameters gathered.
+    """The HF model inside verl's FSDP wrapping, ready for the attack.
 
-    The attack calls ``model.base_model`` (each decoder layer's own FSDP unit gathers its
-    weights) and reads the head weight directly, so the root unit (embeddings, final norm,
-    head) is gathered for the call. FSDP1: ``summon_full_params(recurse=False)``; FSDP2
-    (``fully_shard``): ``unshard()`` / ``reshard()`` of the root.
+    FSDP2 (``fully_shard``): every FSDP unit is gathered once, in module order, and kept
+    gathered through the whole call (no reshard after forward or backward), then resharded
+    and its reshard settings restored. The attack's passes depend on the data (a chunk
+    without selected tokens has no backward), so per-layer gathers in the hooks would run a
+    different number of all-gathers on different ranks, and the ranks would wait on each
+    other for ever; gathered up front, the hooks issue no collective at all. The cost is the
+    full model's weights on every rank for the duration of the call.
+
+    FSDP1: only the root unit (embeddings, final norm, head) is gathered
+    (``summon_full_params(recurse=False)``; FSDP1 refuses a forward inside a recursive
+    one), so the decoder layers still gather in their hooks and every rank must run the
+    same passes.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -128,15 +136,32 @@ def unwrapped_actor(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
         with FullyShardedDataParallel.summon_full_params(module, recurse=False, writeback=False):
             yield module.module
         return
-    unshard = getattr(module, "unshard", None)
-    if callable(unshard) and callable(getattr(module, "reshard", None)):
-        unshard()
-        try:
-            yield module
-        finally:
-            module.reshard()
+    units = [m for m in module.modules() if callable(getattr(m, "_get_fsdp_state", None))]
+    if not units:
+        yield module
         return
-    yield module
+    # The settings set_reshard_after_forward/backward overwrite, to put them back as found.
+    saved = []
+    for unit in units:
+        state = unit._get_fsdp_state()
+        saved.append((state, state._auto_reshard_after_forward))
+        for group in state._fsdp_param_groups:
+            saved.append((group, group.post_forward_mesh_info, group.reshard_after_backward))
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.set_reshard_after_backward(False, recurse=False)
+    try:
+        for unit in units:
+            unit.unshard()
+        yield module
+    finally:
+        for item in saved:
+            if len(item) == 2:
+                item[0]._auto_reshard_after_forward = item[1]
+            else:
+                item[0].post_forward_mesh_info, item[0].reshard_after_backward = item[1:]
+        for unit in units:
+            unit.reshard()
 
 
 def saei_attack_on(model: torch.nn.Module, data: DataProto) -> DataProto:
