@@ -31,7 +31,8 @@ print(f"band objective: {result.entropy_before:.4f} -> {result.entropy_after:.4f
 print(f"selected tokens: {result.num_selected}, images: {len(result.images)}")
 clean = space.to_images(batch.inputs["pixel_values"], image_grid_thw=batch.inputs["image_grid_thw"])
 adv = space.to_images(result.pixel_values, image_grid_thw=batch.inputs["image_grid_thw"])
-print(f"largest pixel change: {max(float((a - c).abs().max()) for a, c in zip(adv, clean)):.5f}")
+change = max(float((a - c).abs().max()) for a, c in zip(adv, clean, strict=True))
+print(f"largest pixel change: {change:.5f}")
 
 out = Path(sys.argv[1]) if len(sys.argv) > 1 else None
 if out is not None:

@@ -41,7 +41,7 @@ def reward_fn(completions, answers, **kwargs):
     """1.0 when the answer is one of the right ones. TRL passes conversational completions
     as lists of messages; the text is in the last message's content."""
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [float(t.strip() in a) for t, a in zip(texts, answers)]
+    return [float(t.strip() in a) for t, a in zip(texts, answers, strict=True)]
 
 
 config = SaEIConfig(

@@ -389,6 +389,25 @@ def _wave_efficiency(programs: int, slots: int) -> float:
 
 
 @functools.lru_cache(maxsize=1024)
+def _fewest_filling_splits(
+    target: Target, n_rows: int, tiles: int, num_warps: int
+) -> tuple[int, float]:
+    """Balanced ranges of whole tiles, at least _MIN_TILES_PER_SPLIT each: the fewest whose
+    grid fills 90% of its waves of resident programs, else the fullest; with its efficiency."""
+    slots = target.sm_count * _programs_per_sm(target, num_warps)
+    splits, best = 1, -1.0
+    for candidate in range(1, tiles + 1):
+        if candidate > 1 and _cdiv(tiles, candidate) < _MIN_TILES_PER_SPLIT:
+            break
+        effective = _cdiv(tiles, _cdiv(tiles, candidate))  # after rounding to tiles
+        efficiency = _wave_efficiency(max(1, n_rows) * effective, slots)
+        if efficiency > best:
+            splits, best = candidate, efficiency
+        if efficiency >= _WAVE_TARGET:
+            break
+    return splits, best
+
+
 def entropy_config(
     target: Target,
     role: str,
@@ -411,6 +430,7 @@ def entropy_config(
         raise ValueError(f"role must be 'fwd' or 'bwd', got {role!r}")
     element_size = dtype.itemsize
     vec = 16 // element_size  # one 128-bit load per thread
+    default_tile = block_v is None
     if block_v is None:
         tile = _THREADS * _THREAD_BYTES[role] // element_size
         block_v = min(tile, max(vec, triton.next_power_of_2(V)))
@@ -422,19 +442,16 @@ def entropy_config(
 
     tiles = _cdiv(V, block_v)
     if splits is None:
-        # Balanced ranges of whole tiles, at least _MIN_TILES_PER_SPLIT each: the fewest
-        # whose grid fills 90% of its waves of resident programs, else the fullest.
-        slots = target.sm_count * _programs_per_sm(target, num_warps)
-        splits, best = 1, -1.0
-        for candidate in range(1, tiles + 1):
-            if candidate > 1 and _cdiv(tiles, candidate) < _MIN_TILES_PER_SPLIT:
-                break
-            effective = _cdiv(tiles, _cdiv(tiles, candidate))  # after rounding to tiles
-            efficiency = _wave_efficiency(max(1, n_rows) * effective, slots)
-            if efficiency > best:
-                splits, best = candidate, efficiency
-            if efficiency >= _WAVE_TARGET:
-                break
+        splits, best = _fewest_filling_splits(target, n_rows, tiles, num_warps)
+        finer_possible = default_tile and block_v // 2 >= vec * threads
+        if best < _WAVE_TARGET and splits > 1 and finer_possible:
+            # Ranges are whole tiles, so a coarse tile may allow no split count that fills
+            # the GPU (38 tiles of 4096 split into 8 or 10 ranges, never 9): half tiles give
+            # twice the choices at the same per-thread load width.
+            finer = _cdiv(V, block_v // 2)
+            finer_splits, finer_best = _fewest_filling_splits(target, n_rows, finer, num_warps)
+            if finer_best > best:
+                block_v, tiles, splits = block_v // 2, finer, finer_splits
     elif splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     chunk = _cdiv(tiles, min(splits, tiles)) * block_v

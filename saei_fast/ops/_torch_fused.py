@@ -157,6 +157,11 @@ CASCADE_VOCAB = 4096
 _CALLING: list[tuple] = [()]  # the key of the call in progress, for the counting backend
 
 
+# Compiles one function may legitimately need: dtypes x vocabulary classes x layouts (12), with
+# room for the grad-mode and dispatch variants Dynamo guards on.
+_RECOMPILE_LIMIT = 32
+
+
 def _counting_backend(gm, example_inputs):
     from torch._inductor.compile_fx import compile_fx
 
@@ -185,6 +190,10 @@ def _run(kind: str, x: torch.Tensor, *args):
             torch.no_grad(),
             torch._C._AutoDispatchBelowADInplaceOrView(),
             fx_config.patch(use_duck_shape=False),
+            # Each (dtype, vocabulary class, layout) is one legitimate compile of the same
+            # function: 3 dtypes x 2 x 2 exceed Dynamo's default limit of 8 per function,
+            # after which fullgraph would fail and the path would fall back to eager.
+            torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT),
         ):
             return _compiled(kind)(*args)
     except Exception as error:  # any compiler failure means "use eager"

@@ -114,7 +114,9 @@ def _compiled_out_of_range_label(impl):
     def run(logits, labels):
         return logprobs_and_entropy(logits, labels, impl=impl)
 
-    torch._dynamo.reset()
+    # No torch._dynamo.reset(): it would also throw away the CPU path's compiled kernels
+    # (compiled once per process, which tests/test_cpu_path.py holds). A new function
+    # compiles anew anyway.
     return torch.compile(run, backend="eager", fullgraph=True)(_logits(), labels)
 
 

@@ -1,13 +1,24 @@
 """verl's tests run in verl's own environment (.ci/verl); elsewhere they are not collected."""
 
-import importlib.util
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-collect_ignore_glob = [] if importlib.util.find_spec("verl") else ["test_*.py"]
+
+def _verl_installed() -> bool:
+    # By distribution, not find_spec("verl"): pytest puts tests/ on sys.path, where this very
+    # folder would pass for a namespace package named verl.
+    try:
+        importlib.metadata.version("verl")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+collect_ignore_glob = [] if _verl_installed() else ["test_*.py"]
 
 HERE = str(Path(__file__).parent)
 if HERE not in sys.path:  # the helper modules (_tiny_actor, _tiny_chat), here and in Ray workers
