@@ -19,6 +19,15 @@ def _error(message: str) -> int:
     return 2
 
 
+def _providers_epilog() -> str:
+    from saei_fast.benchmarks.cases import OPS
+
+    lines = ["ops, their shape dimensions and providers (for --ops, --shapes, --providers):"]
+    for name, op in OPS.items():
+        lines.append(f"  {name} ({' x '.join(op.dims)}): {', '.join(op.providers)}")
+    return "\n".join(lines)
+
+
 def add_bench_parser(commands) -> None:
     parser = commands.add_parser(
         "bench",
@@ -26,12 +35,14 @@ def add_bench_parser(commands) -> None:
         description="Time every op per provider (ours, PyTorch baselines, installed peers; "
         "missing peers are listed as skipped with the reason), print one table per op and "
         "write bench.csv, bench.json and bench.md.",
+        epilog=_providers_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="one small shape per op")
     parser.add_argument(
         "--ops",
         default=None,
-        help="comma-separated subset of: entropy, linear_entropy, band, attack (default: all)",
+        help="comma-separated subset of the ops listed below (default: all)",
     )
     parser.add_argument(
         "--shapes",
@@ -42,7 +53,9 @@ def add_bench_parser(commands) -> None:
         "many dims",
     )
     parser.add_argument("--providers", default=None, help="comma-separated providers to keep")
-    parser.add_argument("--out", default="bench-out", help="directory for bench.csv/json/md")
+    parser.add_argument(
+        "--out", default="bench-out", help="directory for bench.csv/json/md (default bench-out)"
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument(
         "--threads",

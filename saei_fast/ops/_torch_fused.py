@@ -47,7 +47,8 @@ def compile_mode() -> str:
 
 
 def compile_counts() -> dict:
-    """How many times each ``(kind, dtype, vocabulary class, row layout)`` was compiled in
+    """How many times each ``(kind, dtype, vocabulary class, row layout, thread count)`` was
+    compiled in
     this process (at most once each, unless something recompiles that should not)."""
     return dict(_COMPILES)
 
@@ -180,7 +181,9 @@ def _run(kind: str, x: torch.Tensor, *args):
     dtype = str(x.dtype).removeprefix("torch.")
     vocab = f"V>{CASCADE_VOCAB}" if x.shape[1] > CASCADE_VOCAB else f"V<={CASCADE_VOCAB}"
     layout = "contiguous" if x.stride(0) == x.shape[1] else "row-strided"
-    _CALLING[0] = (kind, dtype, vocab, layout)
+    # Inductor's CPU code is built for the thread count at compile time, and Dynamo guards on
+    # it: a process that changes torch.set_num_threads compiles once more per count.
+    _CALLING[0] = (kind, dtype, vocab, layout, f"threads={torch.get_num_threads()}")
     args = tuple(_alias(a) if isinstance(a, torch.Tensor) else a for a in (x, *args))
     try:
         # The same grad mode and dispatch state every call (Dynamo guards on both; the op
