@@ -48,8 +48,8 @@ def compile_mode() -> str:
 
 def compile_counts() -> dict:
     """How many times each ``(kind, dtype, vocabulary class, row layout, thread count)`` was
-    compiled in
-    this process (at most once each, unless something recompiles that should not)."""
+    compiled in this process (at most once each, unless something recompiles that should
+    not)."""
     return dict(_COMPILES)
 
 
