@@ -168,6 +168,14 @@ def chunk_rows(dtype: torch.dtype, V: int, block_n: int, budget: int = CHUNK_BYT
     return max(1, rows // block_n * block_n if rows >= block_n else rows)
 
 
+def even_chunk_rows(n_rows: int, max_rows: int) -> int:
+    """Rows per chunk when ``n_rows`` rows are cut into the fewest chunks of at most
+    ``max_rows``, as even as possible (4096 rows under a 3456-row budget: two chunks of 2048,
+    not 3456 + 640, whose small last launch would leave the GPU part idle)."""
+    n_chunks = triton.cdiv(n_rows, max(1, max_rows))
+    return triton.cdiv(n_rows, max(1, n_chunks))
+
+
 def training_gemms(n_rows: int, kept_rows: int) -> float:
     """GEMM-sized products (``2 * rows * D * V`` FLOPs each, in units of all ``n_rows``) on the
     training path: the forward, ``grad_hidden`` and ``grad_weight`` for every row, plus the

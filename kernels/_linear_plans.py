@@ -16,6 +16,7 @@ from saei_fast.kernels._linear_config import (
     GemmConfig,
     chunk_rows,
     elementwise,
+    even_chunk_rows,
     fwd_schedule,
     gemm_config,
     training_gemms,
@@ -183,9 +184,13 @@ def linear_benchmark_plans(target: Target) -> list[LaunchPlan]:
     ``backward`` (one recomputed chunk, for rows beyond the kept ones; for N within one
     chunk this launch does not happen, and the plan still shows its configuration),
     ``frozen-head`` and ``frozen-head-grad`` (the entropy attack, per chunk: forward keeping
-    the logits, then ``dH/dlogits`` in place; ``dH/dhidden`` is one cuBLAS GEMM). ``extra``
-    holds the path, its GEMM count (units of ``2 N D V`` FLOPs, cuBLAS GEMMs included), the
-    resident programs per SM (CU) and the useful fraction of the GPU over the launch.
+    the logits, then ``dH/dlogits`` in place; ``dH/dhidden`` is one cuBLAS GEMM),
+    ``loss-forward`` and ``loss-grad`` (``linear_token_loss``: per chunk of an even split of
+    the N rows, the forward keeps every logit of the chunk and the gradient is formed over
+    them; ``grad_hidden`` and ``grad_weight`` are cuBLAS GEMMs). ``extra`` holds the path,
+    its GEMM count (units of ``2 N D V`` FLOPs, cuBLAS GEMMs included), the resident
+    programs per SM (CU) and the useful fraction of the GPU over the launch; chunked paths
+    also name the case's ``tokens`` and ``chunks``.
     """
     dtype = torch.bfloat16
     config = gemm_config(target, dtype)
@@ -198,6 +203,9 @@ def linear_benchmark_plans(target: Target) -> list[LaunchPlan]:
             kept = min(n_rows, chunk)
             train = {"path": "train", "gemms": training_gemms(n_rows, kept)}
             frozen = {"path": "frozen-head", "gemms": 2.0}
+            loss_chunk = even_chunk_rows(n_rows, chunk)
+            loss = {"path": "loss", "gemms": 3.0, "tokens": n_rows}
+            loss["chunks"] = triton.cdiv(n_rows, loss_chunk)
             plans += [
                 _forward_plan(case, "forward", n_rows, True, train),
                 _merge_plan(case, train),
@@ -205,5 +213,7 @@ def linear_benchmark_plans(target: Target) -> list[LaunchPlan]:
                 _grad_plan(case, "backward", chunk, True, False, train),
                 _forward_plan(case, "frozen-head", kept, False, frozen),
                 _grad_plan(case, "frozen-head-grad", kept, False, True, frozen),
+                _forward_plan(case, "loss-forward", loss_chunk, True, loss),
+                _grad_plan(case, "loss-grad", loss_chunk, True, True, loss),
             ]
     return plans

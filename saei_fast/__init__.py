@@ -13,6 +13,7 @@ from saei_fast.ops import (
     entropy_band_mask,
     linear_entropy,
     linear_logprobs_and_entropy,
+    linear_token_loss,
     logprobs_and_entropy,
 )
 from saei_fast.rollout import group_advantages
@@ -33,6 +34,7 @@ __all__ = [
     "group_advantages",
     "linear_entropy",
     "linear_logprobs_and_entropy",
+    "linear_token_loss",
     "logprobs_and_entropy",
     "pixels",
 ]

@@ -74,10 +74,12 @@ def check_inputs(inputs: object, device: torch.device) -> dict:
         if key not in inputs or inputs[key] is None:
             raise ValueError(f"inputs must contain {key!r}, got keys {sorted(inputs)}")
     input_ids = check_tensor("inputs['input_ids']", inputs["input_ids"])
-    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+    dtype = input_ids.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"inputs['input_ids'] must be an integer tensor of token ids, got {dtype}")
+    if input_ids.dim() != 2:
         raise ValueError(
-            f"inputs['input_ids'] must be an integer [B, L] tensor, got {input_ids.dtype} "
-            f"{tuple(input_ids.shape)}"
+            f"inputs['input_ids'] must have shape [B, L], got {tuple(input_ids.shape)}"
         )
     pixel_values = check_tensor("inputs['pixel_values']", inputs["pixel_values"])
     if not pixel_values.dtype.is_floating_point:

@@ -213,9 +213,10 @@ def entropy_attack(
 
     Raises:
         TypeError / ValueError: bad model (no pixel inputs, no linear head, logit
-            post-processing), inputs (non-finite ``pixel_values``, an ``attention_mask``
-            of another shape), completion mask, config, generator, or groups whose rows
-            carry different images; all before any forward pass.
+            post-processing), inputs (non-integer ``input_ids``: TypeError; non-finite
+            ``pixel_values``, an ``attention_mask`` of another shape), completion mask,
+            config, generator, or groups whose rows carry different images; all before any
+            forward pass.
     """
     config = _check_config(config)
     if generator is not None and not isinstance(generator, torch.Generator):

@@ -27,12 +27,16 @@ def entropy_reference(
     """Per-token entropy (nats) of ``softmax(logits / temperature)`` in float64.
 
     ``0 * log 0`` counts as 0, so ``-inf`` logits (a masked vocabulary) add nothing; a row
-    of only ``-inf`` has no distribution and gives NaN. Masked positions give 0.
+    of only ``-inf`` has no distribution and gives NaN, and so does a row holding a NaN or
+    ``+inf`` logit (as ``-(softmax * log_softmax).sum(-1)`` gives). Masked positions give 0
+    whatever their logits hold.
     """
     z = logits.double() / temperature
     logp = torch.log_softmax(z, dim=-1)
     p = logp.exp()
-    plogp = torch.where(p > 0, p * logp, torch.zeros((), dtype=p.dtype, device=p.device))
+    # Only an exact 0 probability is dropped: a NaN one (a NaN or +inf logit anywhere in the
+    # row makes the whole row NaN) must reach the sum, where ``p > 0`` would drop it.
+    plogp = torch.where(p == 0, torch.zeros((), dtype=p.dtype, device=p.device), p * logp)
     entropy = -plogp.sum(-1)
     entropy = torch.where(torch.isneginf(z).all(-1), torch.nan, entropy)
     return _apply_mask(entropy, mask)

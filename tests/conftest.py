@@ -27,3 +27,7 @@ try:
     settings.load_profile(os.environ.get("SAEI_HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # pragma: no cover - hypothesis comes with the [test] extra
     pass
+
+# Fixtures shared across test files (none autouse: each file opts in). tests/ is not a
+# package; pytest puts it on sys.path before importing this conftest, so the name resolves.
+pytest_plugins = ["shared_fixtures"]

@@ -580,6 +580,13 @@ def test_input_errors(qwen, qwen_processor, qwen_space):
     short = inputs["attention_mask"][:, :-1]
     with pytest.raises(ValueError, match=r"inputs\['attention_mask'\] must have the shape"):
         _attack(qwen, {**inputs, "attention_mask": short}, mask, qwen_space)
+    # A wrong dtype is a TypeError, a wrong shape a ValueError (the project's rule).
+    ids = inputs["input_ids"]
+    for wrong in (ids.float(), ids > 0):
+        with pytest.raises(TypeError, match=r"inputs\['input_ids'\] must be an integer tensor"):
+            _attack(qwen, {**inputs, "input_ids": wrong}, mask, qwen_space)
+    with pytest.raises(ValueError, match=r"inputs\['input_ids'\] must have shape \[B, L\]"):
+        _attack(qwen, {**inputs, "input_ids": ids[0]}, mask, qwen_space)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

@@ -9,7 +9,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from saei_fast.cli import main
@@ -28,16 +27,8 @@ from saei_fast.demo.task import (
     task_words,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from intra-op threads, and on a shared CPU spinning
-    OpenMP threads slow them down several times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+# shared_fixtures.py: one intra-op thread for the whole module (tiny models).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- the task -------------------------------------------------------------------------------
 

@@ -1,10 +1,12 @@
-"""``saei-fast demo --num-processes N``: the flag's checks, the per-process batch, and the
-launcher. The launcher's multi-process training itself runs in tests/test_trl_multiprocess.py
-(2 CPU processes through :func:`saei_fast.demo.distributed.launch`)."""
+"""``saei-fast demo --num-processes N``: the flag's checks, the per-process batch, the
+held-out evaluation on rank 0 only, and the launcher. The launcher's multi-process training
+itself runs in tests/test_trl_multiprocess.py (2 CPU processes through
+:func:`saei_fast.demo.distributed.launch`)."""
 
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -76,3 +78,35 @@ def test_launch_runs_a_module_in_n_ranked_processes(tmp_path):
     assert "--nproc_per_node=3" in command and command[-2:] == ["probe", "x"]
     with pytest.raises(ValueError, match="num_processes must be an integer >= 1"):
         launch("probe", [], 0)
+
+
+def test_only_rank_zero_runs_the_held_out_evaluation_and_every_rank_waits(monkeypatch):
+    from saei_fast.demo import arms
+
+    evaluations, waits = [], []
+
+    def fake_evaluate(model, processor, examples, **settings):
+        evaluations.append(settings)
+        return {"accuracy": 0.25}
+
+    monkeypatch.setattr(arms, "evaluate", fake_evaluate)
+    monkeypatch.setattr(distributed, "barrier", lambda: waits.append(distributed.rank()))
+    recipe = SimpleNamespace(samples=2, temperature=0.9, max_completion_length=3)
+    setup = SimpleNamespace(recipe=recipe, processor=None, heldout=[])
+    monkeypatch.setenv("RANK", "1")
+    assert arms.held_out_metrics(setup, 2, None, 5) is None
+    assert evaluations == [] and waits == [1]
+    monkeypatch.setenv("RANK", "0")
+    assert arms.held_out_metrics(setup, 2, None, 5) == {"step": 5, "accuracy": 0.25}
+    assert [e["seed"] for e in evaluations] == [1_000_003 * 2 + 5] and waits == [1, 0]
+    # One process (no RANK): it evaluates, as before --num-processes existed.
+    monkeypatch.delenv("RANK")
+    assert arms.held_out_metrics(setup, 2, None, 6) == {"step": 6, "accuracy": 0.25}
+    assert len(evaluations) == 2 and waits == [1, 0, 0]
+
+
+def test_barrier_is_a_no_op_without_a_process_group():
+    import torch.distributed as dist
+
+    assert not (dist.is_available() and dist.is_initialized())
+    assert distributed.barrier() is None

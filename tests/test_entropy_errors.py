@@ -1,11 +1,15 @@
-"""Bad input to the entropy ops raises a clear error before any work."""
+"""Bad input to the entropy ops raises a clear error before any work; non-finite logits give
+the documented values."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from saei_fast.ops import entropy, logprobs_and_entropy
+from saei_fast.reference import entropy_reference, logprobs_and_entropy_reference, naive_entropy
 
 LOGITS = torch.randn(2, 3, 11)
 LABELS = torch.zeros(2, 3, dtype=torch.long)
@@ -74,3 +78,24 @@ def test_forcing_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         entropy(LOGITS, impl="triton")
+
+
+def test_reference_gives_nan_for_rows_with_nan_or_inf_logits():
+    """The float64 truth the fast paths are held to: a NaN or +inf logit leaves its row no
+    distribution (NaN, as torch's own formula gives), while -inf logits are a masked
+    vocabulary and the row's entropy is that of its finite logits."""
+    generator = torch.Generator().manual_seed(7)
+    logits = torch.randn(4, 9, generator=generator, dtype=torch.float64)
+    logits[0, 3] = math.nan
+    logits[1, 5] = math.inf
+    logits[2, ::2] = -math.inf
+    ent = entropy_reference(logits)
+    logp, ent_with_labels = logprobs_and_entropy_reference(logits, torch.ones(4, dtype=torch.long))
+    assert torch.isnan(ent[:2]).all() and torch.isnan(naive_entropy(logits[:2])).all()
+    assert torch.isnan(logp[:2]).all()
+    torch.testing.assert_close(ent[2], naive_entropy(logits[2, 1::2]), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(ent[3], naive_entropy(logits[3]), rtol=1e-12, atol=0.0)
+    assert torch.equal(ent.isnan(), ent_with_labels.isnan())
+    # A masked row gives 0 whatever its logits hold.
+    masked = entropy_reference(logits, mask=torch.tensor([False, False, True, True]))
+    assert masked[:2].tolist() == [0.0, 0.0]

@@ -471,13 +471,37 @@ def test_entropy_grids_fill_the_gpu(shipped_report, arch):
     _expect_none(_low_waves(streams), "entropy launches under 0.90 waves (..., grid, waves)")
 
 
-def test_training_path_runs_three_gemms(shipped_report):
-    """Forward, grad_hidden and grad_weight: the training forward keeps one chunk's logits (a
-    1 GiB budget, 3456 rows at V = 151936 in bf16) and the backward reads them instead of
-    recomputing, so those rows cost 3 GEMMs, not 4. Rows beyond the budget are recomputed:
-    keeping every row's logits would make memory grow with N x V, which the op must not do.
-    The plans state their path's GEMM count in ``extra``, in units of ``2 N D V`` FLOPs,
-    recomputed rows included."""
+def test_training_loss_head_runs_three_gemms_at_every_n(shipped_report):
+    """Issue 10's "the training path runs 3 GEMMs, not 4": the loss head
+    (``linear_token_loss``) forms each chunk's gradient while the forward's logits are in
+    memory (forward, grad_hidden, grad_weight), so every benchmark N costs 3 GEMMs with one
+    chunk of logits in memory, and each chunk's launches still fill the GPU."""
+    loss = [
+        r
+        for r in shipped_report("sm_90")
+        if r["op"] in ("linear", "linear_entropy") and r["extra"].get("path") == "loss"
+    ]
+    cases = {(r["extra"]["tokens"], r["shape"]["D"], r["extra"]["gemms"]) for r in loss}
+    assert {n for n, _, _ in cases} == set(LINEAR_NS)
+    _expect_none([x for x in cases if x[-1] != 3], "loss-head cases not at 3 GEMMs (N, D, GEMMs)")
+    # The chunk of each case is an even split of its rows within the kept-logits budget.
+    forwards = [r for r in loss if r["role"] == "loss-forward"]
+    uneven = [
+        (r["extra"]["tokens"], r["shape"]["N"], r["extra"]["chunks"])
+        for r in forwards
+        if r["shape"]["N"] * r["extra"]["chunks"] - r["extra"]["tokens"] >= r["extra"]["chunks"]
+    ]
+    _expect_none(uneven, "loss-head chunks that are not an even split (tokens, chunk, chunks)")
+    _expect_none(_low_waves(forwards), "loss-head launches under 0.90 waves (..., grid, waves)")
+
+
+def test_per_token_training_path_counts_its_recompute(shipped_report):
+    """The per-token op (``linear_logprobs_and_entropy`` under a loss computed outside it)
+    cannot know its upstream gradient in the forward: it keeps one chunk's logits (a 1 GiB
+    budget, 3456 rows at V = 151936 in bf16), so those rows cost 3 GEMMs, and recomputes the
+    rest in the backward. Keeping every row's logits would make memory grow with N x V,
+    which the op must not do. The plans state their path's GEMM count in ``extra``, in units
+    of ``2 N D V`` FLOPs, recomputed rows included."""
     # Every launch of a benchmark case carries the case's count; a chunk's launch has the
     # chunk's row count as its N, so only the launches over all N rows name the case.
     counts = {

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from gemm_counter import count_gemms
 
 import saei_fast
 from saei_fast.memory import run_isolated
@@ -417,52 +418,6 @@ def test_frozen_head_attack_path_row_excluded_from_the_loss():
 # -------------------------------------------------------------------------------------------
 
 
-class _CountingKernel:
-    """Stands in for a Triton kernel: records the rows of each launch that runs tl.dot over
-    the whole of D x V (the forward; the gradient pass unless it reads kept logits)."""
-
-    def __init__(self, kernel, products: list):
-        self.kernel, self.products = kernel, products
-        self.arg_names = kernel.arg_names
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            named = dict(zip(self.kernel.arg_names, args, strict=False)) | kwargs
-            if not named.get("FROM_LOGITS", False):
-                self.products.append(named["n_rows"])
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
-def _count_gemms(monkeypatch, run, n_rows: int, d: int, v: int) -> float:
-    """GEMM-sized products (``2 * n_rows * d * v`` FLOPs each) that ``run()`` performs: the
-    Triton GEMM kernels' launches and every torch.mm / addmm, by their sizes."""
-    from saei_fast.kernels import linear_entropy as kernels
-
-    rows = []
-    for name in ("_linear_entropy_fwd_kernel", "_linear_entropy_grad_logits_kernel"):
-        monkeypatch.setattr(kernels, name, _CountingKernel(getattr(kernels, name), rows))
-    flops = []
-
-    def counted(fn):
-        def wrapper(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            a, b = [t for t in args if isinstance(t, torch.Tensor)][-2:]
-            flops.append(2 * a.shape[0] * a.shape[1] * b.shape[1])
-            return out
-
-        return wrapper
-
-    monkeypatch.setattr(torch, "mm", counted(torch.mm))
-    monkeypatch.setattr(torch, "addmm", counted(torch.addmm))
-    monkeypatch.setattr(torch.Tensor, "addmm_", counted(torch.Tensor.addmm_))
-    run()
-    monkeypatch.undo()
-    total = sum(flops) + sum(2 * r * d * v for r in rows)
-    return total / (2 * n_rows * d * v)
-
-
 @pytest.mark.parametrize(
     "variant,path,chunk_rows,gemms",
     [
@@ -492,7 +447,7 @@ def test_gemms_along_each_path(variant, path, chunk_rows, gemms, monkeypatch):
         )
         (ent if logp is None else ent + logp).sum().backward()
 
-    assert _count_gemms(monkeypatch, run, n, d, v) == pytest.approx(gemms)
+    assert count_gemms(monkeypatch, run, n, d, v) == pytest.approx(gemms)
 
 
 def test_kept_logits_are_used_once_then_recomputed():

@@ -11,32 +11,16 @@ from trl_helpers import GROUP, Rewards, make_config, no_stop_tokens
 
 import saei_fast.integrations._fused_head as fused_head
 import saei_fast.integrations.trl as integration
-from saei_fast.demo.model import demo_model, demo_processor
-from saei_fast.demo.task import colour_examples, task_words, to_dataset
+from saei_fast.demo.model import demo_model
+from saei_fast.demo.task import to_dataset
 from saei_fast.integrations.trl import SaEIGRPOTrainer
 from saei_fast.testing import vlm_batch
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*is deprecated and will be removed in v6:FutureWarning"
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return demo_processor(task_words())
-
-
-@pytest.fixture(scope="module")
-def examples():
-    return colour_examples(2, seed=3)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
+    # shared_fixtures.py: one intra-op thread for the whole module (tiny models).
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def trainer_for(model, processor, examples, tmp_path, **overrides) -> SaEIGRPOTrainer:

@@ -34,8 +34,8 @@ from trl_helpers import (
 )
 
 import saei_fast
-from saei_fast.demo.model import demo_model, demo_processor
-from saei_fast.demo.task import colour_examples, task_words, to_dataset
+from saei_fast.demo.model import demo_model
+from saei_fast.demo.task import to_dataset
 from saei_fast.integrations.trl import (
     SUPPORTED_TRL,
     SaEIGRPOTrainer,
@@ -43,29 +43,11 @@ from saei_fast.integrations.trl import (
 )
 
 # transformers 5 deprecates TrainingArguments names that TRL 1.16 still sets.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*is deprecated and will be removed in v6:FutureWarning"
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from intra-op threads, and on a shared CPU spinning
-    OpenMP threads slow them down several times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return demo_processor(task_words())
-
-
-@pytest.fixture(scope="module")
-def examples():
-    return colour_examples(2, seed=3)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
+    # shared_fixtures.py: one intra-op thread for the whole module (tiny models).
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 # ---- a real SaEI training run, recorded ------------------------------------------------------

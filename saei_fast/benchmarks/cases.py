@@ -212,9 +212,11 @@ def _registry() -> dict[str, OpBench]:
     from saei_fast.benchmarks.band_cases import BAND_MASK
     from saei_fast.benchmarks.entropy_cases import ENTROPY
     from saei_fast.benchmarks.linear_cases import LINEAR_ENTROPY
+    from saei_fast.benchmarks.linear_loss_cases import LINEAR_LOSS
     from saei_fast.benchmarks.loss_head_cases import LOSS_HEAD
 
-    return {op.name: op for op in (ENTROPY, LINEAR_ENTROPY, BAND_MASK, ATTACK, LOSS_HEAD)}
+    ops = (ENTROPY, LINEAR_ENTROPY, LINEAR_LOSS, BAND_MASK, ATTACK, LOSS_HEAD)
+    return {op.name: op for op in ops}
 
 
 OPS: dict[str, OpBench] = _registry()

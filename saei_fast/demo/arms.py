@@ -43,21 +43,18 @@ def train_arm(
     args = arm_config(setup, seed, arm, scratch / f"seed{seed}-{arm}", model)
     tag = f"[seed {seed} {arm:<7}]"
 
-    def held_out(step: int) -> dict:
-        # The same sampling seed for every arm at a given step: paired evaluations.
-        metrics = evaluate(
-            model,
-            setup.processor,
-            setup.heldout,
-            samples=recipe.samples,
-            temperature=recipe.temperature,
-            max_new_tokens=recipe.max_completion_length,
-            seed=1_000_003 * seed + step,
-        )
-        return {"step": step, **metrics}
+    record = {"seed": seed, "arm": arm, "steps": [], "evals": []}
 
-    record = {"seed": seed, "arm": arm, "steps": [], "evals": [held_out(0)]}
-    log(f"{tag} step   0/{recipe.steps}  {_eval_text(record['evals'][-1], recipe.samples)}")
+    def held_out(step: int) -> str:
+        """Evaluate at ``step`` (rank 0 only) and return the progress text ("" elsewhere)."""
+        metrics = held_out_metrics(setup, seed, model, step)
+        if metrics is None:
+            return ""
+        record["evals"].append(metrics)
+        return _eval_text(metrics, recipe.samples)
+
+    text = held_out(0)
+    log(f"{tag} step   0/{recipe.steps}  {text}")
     started = time.perf_counter()
 
     class Progress(TrainerCallback):
@@ -69,11 +66,10 @@ def train_arm(
             record["steps"].append({"step": step, **values})
             if step % recipe.eval_every and step != recipe.steps:
                 return
-            record["evals"].append(held_out(step))
+            text = held_out(step)
             elapsed = time.perf_counter() - started
             log(
-                f"{tag} step {step:>3}/{recipe.steps}  "
-                f"{_eval_text(record['evals'][-1], recipe.samples)}  train reward "
+                f"{tag} step {step:>3}/{recipe.steps}  {text}  train reward "
                 f"{values['reward']:.2f}  ({elapsed / step:.2f} s/step)"
             )
 
@@ -90,6 +86,38 @@ def train_arm(
     trainer.train()
     record["seconds"] = time.perf_counter() - started
     return record
+
+
+def held_out_metrics(
+    setup: Setup, seed: int, model: torch.nn.Module, step: int
+) -> dict[str, float] | None:
+    """The held-out evaluation of ``model`` at ``step``: ``{"step": step, **metrics}`` (see
+    :mod:`saei_fast.demo.evaluate`).
+
+    With ``--num-processes N`` every process holds the same weights and only rank 0's
+    records are kept, so rank 0 alone evaluates (the others get None and wait for it at a
+    barrier). Skipping the evaluation changes nothing else on the other ranks: it samples
+    from its own seeded generator and restores the global random state and the model's
+    mode, so every process trains exactly as if it had evaluated.
+    """
+    from saei_fast.demo.distributed import barrier, rank
+
+    recipe = setup.recipe
+    metrics = None
+    if rank() == 0:
+        # The same sampling seed for every arm at a given step: paired evaluations.
+        values = evaluate(
+            model,
+            setup.processor,
+            setup.heldout,
+            samples=recipe.samples,
+            temperature=recipe.temperature,
+            max_new_tokens=recipe.max_completion_length,
+            seed=1_000_003 * seed + step,
+        )
+        metrics = {"step": step, **values}
+    barrier()
+    return metrics
 
 
 def arm_config(setup: Setup, seed: int, arm: str, output_dir: Path, model: torch.nn.Module):

@@ -7,7 +7,8 @@ the demo's use of it: the parent takes each seed's warm start (cached, one proce
 one launch of ``N`` processes trains every (seed, arm) run in turn, each run with a step's
 prompts split into whole GRPO groups per process (``prompts_per_step / N`` each, see
 :func:`saei_fast.demo.arms.arm_config`: a step sees the same prompts as with one process);
-rank 0 writes the runs' records, which the parent summarises as usual.
+rank 0 alone runs the held-out evaluations (the others wait at a barrier) and writes the
+runs' records, which the parent summarises as usual.
 
 Run as ``python -m saei_fast.demo.distributed SPEC.json``: the worker side (``SPEC`` names
 the options, the warm starts, the scratch folder and the records file).
@@ -30,6 +31,20 @@ from saei_fast.demo.options import DemoError, DemoOptions
 def world_size() -> int:
     """Processes of this run: ``WORLD_SIZE`` as ``torch.distributed.run`` sets it, else 1."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """This process's rank: ``RANK`` as ``torch.distributed.run`` sets it, else 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def barrier() -> None:
+    """Wait until every process of the run gets here; nothing with one process (or before
+    the trainer has set up the process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def free_port() -> int:

@@ -33,31 +33,17 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(entropy, logprobs or None, stats)`` of the rows ``rows`` (None: all), chunk by chunk;
     rows not computed give 0. ``impl`` is ``"torch"`` or ``"triton_chunked"``."""
-    N, V = hidden.shape[0], weight.shape[0]
+    N = hidden.shape[0]
     acc = _torch_entropy.accumulation_dtype(hidden.dtype)
     entropy = torch.zeros(N, dtype=acc, device=hidden.device)
     stats = torch.zeros(N, 2, dtype=acc, device=hidden.device)
     logprobs = torch.zeros_like(entropy) if labels is not None else None
     n_rows = N if rows is None else rows.numel()
     for _, index in chunks(n_rows, rows, chunk_rows):
-        logits = chunk_logits(hidden[index], weight, bias)
         chunk_labels = None if labels is None else labels[index]
-        if impl == "triton_chunked":
-            from saei_fast.kernels.entropy_logits import entropy_fwd
-
-            h, lp, chunk_stats = entropy_fwd(logits, chunk_labels, None, inv_temperature)
-            del logits
-        else:
-            x = _acc_logits(logits)
-            del logits
-            safe_labels = in_range = None
-            if chunk_labels is not None:
-                safe_labels, in_range = owned_labels(chunk_labels, V)
-            h, lp, chunk_stats = _torch_entropy.rows_forward(x, safe_labels, inv_temperature)
-            # Free the chunk before the next one is allocated.
-            del x
-            if lp is not None:
-                lp = torch.where(in_range, lp, torch.nan)
+        h, lp, chunk_stats = chunk_forward(
+            impl, chunk_logits(hidden[index], weight, bias), chunk_labels, inv_temperature
+        )
         entropy[index] = h
         stats[index] = chunk_stats
         if logprobs is not None:
@@ -65,40 +51,61 @@ def forward(
     return entropy, logprobs, stats
 
 
+def chunk_forward(
+    impl: str, logits: torch.Tensor, labels: torch.Tensor | None, inv_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(entropy, logprobs or None, stats)`` of one chunk of logits ``[c, V]`` (the GEMM's
+    output, which this may overwrite). A label outside ``[0, V)`` gives a NaN log-prob."""
+    if impl == "triton_chunked":
+        from saei_fast.kernels.entropy_logits import entropy_fwd
+
+        return entropy_fwd(logits, labels, None, inv_temperature)
+    # A 16-bit chunk and its fp32 copy are alive together: the chunk budget counts both.
+    x = _acc_logits(logits)
+    safe_labels = in_range = None
+    if labels is not None:
+        safe_labels, in_range = owned_labels(labels, x.shape[1])
+    h, lp, stats = _torch_entropy.rows_forward(x, safe_labels, inv_temperature)
+    if lp is not None:
+        lp = torch.where(in_range, lp, torch.nan)
+    return h, lp, stats
+
+
 def grad_logits_chunk(
     impl, hidden, weight, bias, index, labels, entropy, stats, g_h, g_lp, inv_t
 ) -> torch.Tensor:
     """The gradient w.r.t. the recomputed logits of the rows ``index``, ``[c, V]`` in the
     weight's dtype."""
-    logits = chunk_logits(hidden[index], weight, bias)
-    chunk_labels = None if labels is None else labels[index]
-    chunk_g_lp = None if g_lp is None else g_lp[index]
+    return chunk_grad_logits(
+        impl,
+        chunk_logits(hidden[index], weight, bias),
+        None if labels is None else labels[index],
+        entropy[index],
+        stats[index],
+        g_h[index],
+        None if g_lp is None else g_lp[index],
+        inv_t,
+    )
+
+
+def chunk_grad_logits(impl, logits, labels, entropy, stats, g_h, g_lp, inv_t) -> torch.Tensor:
+    """The gradient of ``sum(g_h * H + g_lp * logp)`` w.r.t. one chunk of logits ``[c, V]``
+    (the GEMM's output, consumed), given the chunk's forward ``entropy`` and ``stats``; in
+    the logits' dtype. Labels outside ``[0, V)`` contribute no one-hot term."""
     if impl == "triton_chunked":
         from saei_fast.kernels.entropy_logits import entropy_bwd
 
         # In place: the chunk's logits become their gradient.
-        return entropy_bwd(
-            logits,
-            chunk_labels,
-            None,
-            entropy[index],
-            stats[index],
-            g_h[index],
-            chunk_g_lp,
-            inv_t,
-            out=logits,
-        )
+        return entropy_bwd(logits, labels, None, entropy, stats, g_h, g_lp, inv_t, out=logits)
+    dtype = logits.dtype
     x = _acc_logits(logits)
-    del logits
-    grad = _torch_entropy.rows_backward(
-        x, stats[index], entropy[index], g_h[index], chunk_g_lp, None, inv_t
-    )
-    if chunk_labels is not None:
+    grad = _torch_entropy.rows_backward(x, stats, entropy, g_h, g_lp, None, inv_t)
+    if labels is not None:
         # The one-hot term, only for labels this weight owns (see linear_forward).
-        safe_labels, in_range = owned_labels(chunk_labels, weight.shape[0])
-        onehot = torch.where(in_range, chunk_g_lp * inv_t, 0.0)
+        safe_labels, in_range = owned_labels(labels, grad.shape[1])
+        onehot = torch.where(in_range, g_lp * inv_t, 0.0)
         grad.scatter_add_(1, safe_labels.unsqueeze(1), onehot.unsqueeze(1))
-    return grad.to(weight.dtype)
+    return grad.to(dtype)
 
 
 def _entropy_and_logits_grad(x: torch.Tensor, scratch: torch.Tensor, inv_temperature: float):

@@ -103,7 +103,15 @@ ENTRY = {
     ),
     "attack/input-ids-float": (
         lambda ctx: _replace(ctx, input_ids=ctx.inputs["input_ids"].float()),
-        Raises(ValueError, "input_ids"),
+        Raises(TypeError, r"input_ids'\] must be an integer"),
+    ),
+    "attack/input-ids-bool": (
+        lambda ctx: _replace(ctx, input_ids=ctx.inputs["input_ids"] > 0),
+        Raises(TypeError, r"input_ids'\] must be an integer"),
+    ),
+    "attack/input-ids-1d": (
+        lambda ctx: _replace(ctx, input_ids=ctx.inputs["input_ids"][0]),
+        Raises(ValueError, r"input_ids'\] must have shape \[B, L\]"),
     ),
     "attack/pixel-values-int": (
         lambda ctx: _replace(ctx, pixel_values=ctx.inputs["pixel_values"].long()),

@@ -82,6 +82,10 @@ def _lpe_value(labels=_labels, *, hidden=_hidden, **kwargs) -> tuple:
     return call, Returns(expected)
 
 
+def _nan_row_hidden() -> torch.Tensor:
+    return _hidden().index_fill(0, torch.tensor([1]), math.nan)
+
+
 def _bf16_entropy(impl):
     return linear_entropy(_hidden(torch.bfloat16), _weight(torch.bfloat16), impl=impl)
 
@@ -159,6 +163,12 @@ ENTRY = {
         lambda: torch.where(_mask(), _labels(), -100), mask=_mask()
     ),
     "linear-logprobs/bias": _lpe_value(bias=_bias()),
+    # A NaN or +inf logit leaves its row no distribution: NaN, also in the reference.
+    "linear/nan-hidden-row-nan": _entropy_value(hidden=_nan_row_hidden),
+    "linear/inf-bias-entry-nan": _entropy_value(
+        bias=_bias().index_fill(0, torch.tensor([3]), math.inf)
+    ),
+    "linear-logprobs/nan-hidden-row-nan": _lpe_value(hidden=_nan_row_hidden),
     # Triton's interpreter computes bf16 tl.dot wrongly: the Triton path refuses there.
     "linear/bfloat16-under-interpreter": (
         _bf16_entropy,

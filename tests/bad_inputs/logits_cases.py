@@ -72,18 +72,6 @@ def _entropy_value(logits, *, temperature=1.0, mask=None, tolerance=FLOAT32) -> 
     return call, Returns(expected, **tolerance)
 
 
-def _nan_row_value(row: list[float]) -> tuple:
-    """A row holding NaN or +inf has no distribution: NaN (the float64 reference's
-    ``p > 0`` test would turn its NaN terms into 0, so the NaN is set here)."""
-
-    def expected():
-        values = entropy_reference(_with_row(row))
-        values[0, 1] = math.nan
-        return values
-
-    return lambda impl: entropy(_with_row(row), impl=impl), Returns(expected)
-
-
 def _lpe_error(error, names, *, labels=_labels, logits=_logits, **kwargs) -> tuple:
     return (
         lambda impl: logprobs_and_entropy(logits(), labels(), impl=impl, **kwargs),
@@ -176,8 +164,12 @@ ENTRY = {
     ),
     "entropy/some--inf": _entropy_value(lambda: _with_row([-math.inf, 0.5, -math.inf, 2.0])),
     "entropy/one-finite-logit": _entropy_value(lambda: _with_row([3.0] + [-math.inf] * (V - 1))),
-    "entropy/nan-logit-row-nan": _nan_row_value([math.nan, 1.0]),
-    "entropy/inf-logit-row-nan": _nan_row_value([math.inf, 1.0]),
+    # A NaN or +inf logit leaves its row no distribution: NaN, also in the reference.
+    "entropy/nan-logit-row-nan": _entropy_value(lambda: _with_row([math.nan, 1.0])),
+    "entropy/inf-logit-row-nan": _entropy_value(lambda: _with_row([math.inf, 1.0])),
+    "entropy/nan-logit-row-masked": _entropy_value(
+        lambda: _with_row([math.nan, 1.0]), mask=_all_but((0, 1))
+    ),
     "entropy/float16": _entropy_value(lambda: _logits(torch.float16)),
     "entropy/bfloat16": _entropy_value(lambda: _logits(torch.bfloat16)),
     "entropy/float64-stays": _entropy_value(lambda: _logits(torch.float64), tolerance=FLOAT64),
@@ -222,6 +214,8 @@ ENTRY = {
         lambda: _with_row([-math.inf, 1.0, 2.0], row=(0, 0)), lambda: torch.zeros(2, 3).long()
     ),
     "logprobs/all--inf-row-nan": _lpe_value(lambda: _with_row([-math.inf] * V), _labels),
+    "logprobs/nan-logit-row-nan": _lpe_value(lambda: _with_row([1.0, math.nan]), _labels),
+    "logprobs/inf-logit-row-nan": _lpe_value(lambda: _with_row([1.0, math.inf]), _labels),
     "logprobs/no-tokens": _lpe_value(
         lambda: torch.zeros(0, V), lambda: torch.zeros(0, dtype=torch.long)
     ),
