@@ -157,6 +157,8 @@ def report_estimate_us(records: list[dict], row: dict) -> float | None:
             and r["dtype"] == REPORT_DTYPES.get(row["dtype"])
             and tuple(r["shape"].values()) == dims
             and ("backward" in row["mode"] or not _is_backward(r["role"]))
+            # The opt-in TMA forward stands in for the default one; it has its own rows.
+            and not r["role"].endswith("-tma")
         ):
             key = (r["kernel"], _is_backward(r["role"]))
             matches[key] = max(matches.get(key, 0.0), r["estimate_us"])
@@ -182,6 +184,88 @@ def estimate_rows(records: list[dict], rows: list[dict]) -> list[dict]:
             }
         )
     return table
+
+
+# -------------------------------------------------------------------------------------------
+# The opt-in TMA forward (SAEI_LINEAR_TMA=1) beside the default forward
+# -------------------------------------------------------------------------------------------
+
+# The report's plans for these launches (bf16, V = 151936): the training forward (labels, the
+# first chunk's logits kept) and the attack's forward over one chunk (no labels, all kept).
+TMA_CASES = (("forward", 8192, 4096, True), ("frozen-head", 3456, 4096, False))
+TMA_VOCAB = 151936
+TMA_ROUNDS = 10
+
+
+def _report_estimate(records: list[dict], role: str, shape: dict) -> float | None:
+    for r in records:
+        if r["role"] == role and r["dtype"] == "bf16" and r["shape"] == shape:
+            return r["estimate_us"]
+    return None
+
+
+def tma_rows(device: torch.device, records: list[dict]) -> list[dict]:
+    """Median time of the default forward and of the TMA forward on the same inputs, timed
+    in interleaved rounds, each beside its report estimate (the GEMM kernel's; the split
+    merge is a few microseconds), and their largest entropy / log-prob difference. Empty off
+    sm_90 (the TMA forward runs there only)."""
+    from gpu_linear import tma_device, tma_switch
+    from saei_fast.kernels._linear_config import chunk_rows, gemm_config
+    from saei_fast.kernels._plan import target_for
+    from saei_fast.kernels.linear_entropy import linear_entropy_fwd
+
+    from saei_fast.benchmarks.timing import interleaved
+
+    if device.type != "cuda" or not tma_device(device):
+        return []
+    V, dtype = TMA_VOCAB, torch.bfloat16
+    block_n = gemm_config(target_for(device), dtype).block_n
+    rows = []
+    for role, n, d, with_labels in TMA_CASES:
+        gen = torch.Generator(device=device).manual_seed(n + d)
+        hidden = torch.randn(n, d, device=device, generator=gen).to(dtype)
+        weight = (torch.randn(V, d, device=device, generator=gen) * d**-0.5).to(dtype)
+        labels = torch.randint(0, V, (n,), device=device, generator=gen) if with_labels else None
+        kept = torch.empty(min(n, chunk_rows(dtype, V, block_n)), V, device=device, dtype=dtype)
+
+        def forward(tma: bool, hidden=hidden, weight=weight, labels=labels, kept=kept):
+            with tma_switch(tma):
+                return linear_entropy_fwd(hidden, weight, None, None, labels, 1.0, logits_out=kept)
+
+        forward(False), forward(True)  # compiles both
+        results = {tma: forward(tma) for tma in (False, True)}
+        torch.cuda.synchronize(device)
+        timings, errors = interleaved(
+            {"default": lambda f=forward: f(False), "tma": lambda f=forward: f(True)},
+            device,
+            TMA_ROUNDS,
+        )
+        diff = max(
+            (a - b).abs().max().item()
+            for a, b in zip(results[False], results[True], strict=True)
+            if a is not None
+        )
+        for name, tma_role in (("default", role), ("tma", f"{role}-tma")):
+            timing = timings.get(name)
+            estimate = _report_estimate(records, tma_role, {"N": n, "D": d, "V": V})
+            rows.append(
+                {
+                    "op": "linear_entropy forward",
+                    "kernel": name,
+                    "role": tma_role,
+                    "shape": f"{n}x{d}x{V}",
+                    "dtype": str(dtype)[6:],
+                    "measured_us": None if timing is None else timing.median_ms * 1e3,
+                    "min_us": None if timing is None else timing.min_ms * 1e3,
+                    "max_us": None if timing is None else timing.max_ms * 1e3,
+                    "estimate_us": estimate,
+                    "max_diff_vs_default": diff if name == "tma" else 0.0,
+                    "error": str(errors[name]) if name in errors else "",
+                }
+            )
+        del hidden, weight, kept, results
+        torch.cuda.empty_cache()
+    return rows
 
 
 # -------------------------------------------------------------------------------------------
@@ -250,13 +334,22 @@ def main() -> int:
     table = tables(rows, info, peaks)
     print("## Timings\n")
     print(table)
+    records = []
     try:
-        estimates = estimate_rows(load_report(device, out, args.report), rows)
+        records = load_report(device, out, args.report)
+        estimates = estimate_rows(records, rows)
     except Exception:  # the estimates are context; a failure must not hide the timings
         failures.append(f"kernel report:\n{traceback.format_exc()}")
         estimates = []
     print("## Measured vs compile-time roofline estimate (estimates, not measurements)\n")
     print(_markdown(estimates), flush=True)
+    try:  # the opt-in TMA forward, timed beside the default one (sm_90 only)
+        tma = tma_rows(device, records)
+    except Exception:
+        failures.append(f"TMA forward rows:\n{traceback.format_exc()}")
+        tma = []
+    print("## Linear forward: default vs opt-in TMA (SAEI_LINEAR_TMA=1; sm_90 only)\n")
+    print(_markdown(tma), flush=True)
     write_outputs(out, rows, info, peaks)
     for failure in failures:
         print("FAILED", failure)
@@ -267,6 +360,7 @@ def main() -> int:
         "correctness": correctness,
         "timings": rows,
         "estimates": estimates,
+        "tma_forward": tma,
         "failures": failures,
     }
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
@@ -274,7 +368,9 @@ def main() -> int:
         f"{json.dumps(info)}\n\n## Correctness vs float64\n\n{_markdown(correctness)}\n"
         f"## Timings\n\n{table}\n"
         "## Measured vs compile-time roofline estimate (estimates, not measurements)\n\n"
-        f"{_markdown(estimates)}"
+        f"{_markdown(estimates)}\n"
+        "## Linear forward: default vs opt-in TMA (SAEI_LINEAR_TMA=1; sm_90 only)\n\n"
+        f"{_markdown(tma)}"
     )
     timing_errors = [r for r in rows if r["status"] in ("error", "oom")]
     ok = all(row.get("ok", True) for row in correctness) and not failures

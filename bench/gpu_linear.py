@@ -1,9 +1,10 @@
 """Linear entropy checks for the single GPU check script: correctness and timings.
 
 ``correctness(device)`` compares every implementation (fused Triton kernels, chunked Triton
-variant, frozen-lm_head fast path, recompute path, PyTorch path) with float64 truth on the
-same device and applies the accuracy rule: ours may be no less accurate than naive PyTorch in
-the same dtype, plus a small per-dtype allowance. ``timings(device)`` returns the benchmark
+variant, frozen-lm_head fast path, recompute path, PyTorch path, and on sm_90 the fused path
+with the opt-in TMA forward) with float64 truth on the same device and applies the accuracy
+rule: ours may be no less accurate than naive PyTorch in the same dtype, plus a small
+per-dtype allowance. ``timings(device)`` returns the benchmark
 registry's linear-entropy rows (ours vs naive vs chunked PyTorch and the peers installed on
 CUDA). Both run on a CPU too, with tiny shapes (the Triton variants only under
 ``TRITON_INTERPRET=1``).
@@ -13,8 +14,10 @@ CUDA). Both run on a CPU too, with tiny shapes (the Triton variants only under
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
 
 import torch
@@ -46,6 +49,35 @@ VARIANTS = {
 def _variants(device: torch.device) -> dict:
     triton_ok = triton_available() and (device.type == "cuda" or triton_interpreting())
     return {k: v for k, v in VARIANTS.items() if triton_ok or v["impl"] == "torch"}
+
+
+# The fused path with SAEI_LINEAR_TMA=1: the opt-in TMA forward (kernels/linear_entropy_tma),
+# checked wherever it can run (sm_90, or the interpreter).
+TMA_VARIANT = "triton-fused-tma"
+
+
+def tma_device(device: torch.device) -> bool:
+    """Whether the TMA forward runs on ``device`` (an sm_90 CUDA device or the interpreter)."""
+    if not triton_available():
+        return False
+    if device.type == "cuda" and not getattr(torch.version, "hip", None):
+        return torch.cuda.get_device_capability(device)[0] == 9
+    return device.type == "cpu" and triton_interpreting()
+
+
+@contextlib.contextmanager
+def tma_switch(on: bool):
+    """``SAEI_LINEAR_TMA`` set to ``on`` inside the block (read by each forward launch),
+    restored after it."""
+    saved = os.environ.get("SAEI_LINEAR_TMA")
+    os.environ["SAEI_LINEAR_TMA"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("SAEI_LINEAR_TMA", None)
+        else:
+            os.environ["SAEI_LINEAR_TMA"] = saved
 
 
 def _inputs(n, d, v, dtype, device, seed=0):
@@ -195,14 +227,18 @@ def correctness(device: str) -> list[dict]:
         special_vs = [2053, 130]
     else:
         shapes, dtypes, special_vs = [(9, 40, 130)], [torch.float32], [37]
+    variants = [(name, options, False) for name, options in _variants(dev).items()]
+    if tma_device(dev):
+        variants.append((TMA_VARIANT, VARIANTS["triton-fused"], True))
     results = []
-    for variant, options in _variants(dev).items():
-        for dtype in dtypes:
-            for n, d, v in shapes:
-                results += _labels_case(dev, dtype, n, d, v, variant, options)
-                results += _frozen_head_case(dev, dtype, n, d, v, variant, options)
-        for v in special_vs:
-            results.append(_special_rows_case(dev, torch.float32, v, variant, options))
+    for variant, options, tma in variants:
+        with tma_switch(tma):
+            for dtype in dtypes:
+                for n, d, v in shapes:
+                    results += _labels_case(dev, dtype, n, d, v, variant, options)
+                    results += _frozen_head_case(dev, dtype, n, d, v, variant, options)
+            for v in special_vs:
+                results.append(_special_rows_case(dev, torch.float32, v, variant, options))
     return results
 
 

@@ -43,7 +43,8 @@ Launch configuration: one known-good tile config per (target, dtype) and the for
 persistent schedule, in ``_linear_config``, used by these launchers and by
 ``benchmark_plans`` (``_linear_plans``: what ``saei-fast kernels`` compiles);
 ``SAEI_AUTOTUNE=1`` searches a small set of configurations that compile without spilling
-(keyed on the lm_head's shape, never on the number of rows).
+(keyed on the lm_head's shape, never on the number of rows). ``SAEI_LINEAR_TMA=1`` switches
+the forward to the TMA variant of ``linear_entropy_tma`` (sm_90 only, opt-in, unmeasured).
 
 Rows may be a subset (``rows``: int64 indices into ``hidden``), which is how masked tokens
 (prompts, image tokens) cost nothing. A label outside ``[0, V)`` gives a NaN log-prob and
@@ -107,6 +108,12 @@ def _logits_tile(
         # IEEE fp32 products for fp32 operands (the accuracy an fp32 user expects of a GEMM,
         # not TF32); 16-bit operands go to the tensor cores whatever this says.
         b_acc = tl.dot(b_h, b_w, b_acc, input_precision="ieee")
+    return _bias_and_mask(b_acc, bias_ptr, o_cols, m_cols, HAS_BIAS)
+
+
+@triton.jit
+def _bias_and_mask(b_acc, bias_ptr, o_cols, m_cols, HAS_BIAS: tl.constexpr):
+    """Add the bias to an fp32 logits tile and set the columns past ``V`` to ``-inf``."""
     if HAS_BIAS:
         b_bias = tl.load(bias_ptr + o_cols, mask=m_cols, other=0.0).to(tl.float32)
         b_acc += b_bias[None, :]
@@ -129,6 +136,82 @@ def _merge_stats(b_m, b_s, b_w, c_m, c_s, c_w, inv_temperature):
     w_new = a * (b_w + shift_b * b_s) + c * (c_w + shift_c * c_s)
     s_new = a * b_s + c * c_s
     return m_new, s_new, w_new
+
+
+@triton.jit
+def _fold_tile(
+    b_x,
+    first,
+    b_m,
+    b_s,
+    b_w,
+    b_label_x,
+    labels_ptr,
+    logits_ptr,
+    o_rows,
+    o_n,
+    m_n,
+    o_cols,
+    m_cols,
+    v_start,
+    keep_rows,
+    stride_ln,
+    inv_temperature,
+    HAS_LABELS: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """The forward's epilogue for one logits tile ``b_x`` (fp32, already rounded to the input
+    dtype): keep it in ``logits_ptr`` for rows below ``keep_rows`` (``STORE_LOGITS``), then
+    fold it into the running per-row statistics, restarted when ``first`` (the first tile of
+    a row block). Shared by every forward kernel, so they all compute the same numbers."""
+    if STORE_LOGITS:
+        p_l = logits_ptr + o_n[:, None].to(tl.int64) * stride_ln + o_cols[None, :]
+        m_l = (o_n < keep_rows)[:, None] & m_cols[None, :]
+        tl.store(p_l, b_x.to(logits_ptr.dtype.element_ty), mask=m_l)
+    # A new row block starts from empty statistics.
+    b_m = tl.where(first, float("-inf"), b_m)
+    b_s = tl.where(first, 0.0, b_s)
+    b_w = tl.where(first, 0.0, b_w)
+    b_label_x = tl.where(first, 0.0, b_label_x)
+    # The tile's own statistics, then one merge into the running ones.
+    c_m = tl.max(b_x, axis=1)
+    c_safe = tl.where(c_m == float("-inf"), 0.0, c_m)
+    b_d = (b_x - c_safe[:, None]) * inv_temperature
+    b_e = tl.exp(b_d)
+    b_ed = tl.where(b_e > 0.0, b_e * b_d, 0.0)  # 0 * -inf must count as 0
+    b_m, b_s, b_w = _merge_stats(
+        b_m, b_s, b_w, c_m, tl.sum(b_e, axis=1), tl.sum(b_ed, axis=1), inv_temperature
+    )
+    if HAS_LABELS:
+        # The label's column within this tile, in 32 bits (-1 when elsewhere).
+        b_label = tl.load(labels_ptr + o_rows, mask=m_n, other=-1).to(tl.int64) - v_start
+        c_label = tl.where((b_label >= 0) & (b_label < BLOCK_V), b_label, -1).to(tl.int32)
+        m_hit = tl.arange(0, BLOCK_V)[None, :] == c_label[:, None]
+        b_label_x += tl.sum(tl.where(m_hit, b_x, 0.0), axis=1)
+    return b_m, b_s, b_w, b_label_x
+
+
+@triton.jit
+def _store_partials(
+    part_m_ptr,
+    part_s_ptr,
+    part_w_ptr,
+    part_label_ptr,
+    o_part,
+    m_n,
+    b_m,
+    b_s,
+    b_w,
+    b_label_x,
+    HAS_LABELS: tl.constexpr,
+):
+    """Write one (split, row block)'s statistics for ``_merge_splits_kernel``."""
+    tl.store(part_m_ptr + o_part, b_m, mask=m_n)
+    tl.store(part_s_ptr + o_part, b_s, mask=m_n)
+    tl.store(part_w_ptr + o_part, b_w, mask=m_n)
+    if HAS_LABELS:
+        tl.store(part_label_ptr + o_part, b_label_x, mask=m_n)
 
 
 @triton.jit(do_not_specialize=["n_rows", "keep_rows", "group_rows", "n_splits"])
@@ -215,38 +298,42 @@ def _linear_entropy_fwd_kernel(
         # describe exactly the logits a backward may read back (STORE_LOGITS), and every
         # path computes the same function of the same rounded logits.
         b_x = b_x.to(hidden_ptr.dtype.element_ty).to(tl.float32)
-        if STORE_LOGITS:
-            p_l = logits_ptr + o_n[:, None].to(tl.int64) * stride_ln + o_cols[None, :]
-            m_l = (o_n < keep_rows)[:, None] & m_cols[None, :]
-            tl.store(p_l, b_x.to(logits_ptr.dtype.element_ty), mask=m_l)
-        # A new row block starts from empty statistics.
-        first = i_tile == 0
-        b_m = tl.where(first, float("-inf"), b_m)
-        b_s = tl.where(first, 0.0, b_s)
-        b_w = tl.where(first, 0.0, b_w)
-        b_label_x = tl.where(first, 0.0, b_label_x)
-        # The tile's own statistics, then one merge into the running ones.
-        c_m = tl.max(b_x, axis=1)
-        c_safe = tl.where(c_m == float("-inf"), 0.0, c_m)
-        b_d = (b_x - c_safe[:, None]) * inv_temperature
-        b_e = tl.exp(b_d)
-        b_ed = tl.where(b_e > 0.0, b_e * b_d, 0.0)  # 0 * -inf must count as 0
-        b_m, b_s, b_w = _merge_stats(
-            b_m, b_s, b_w, c_m, tl.sum(b_e, axis=1), tl.sum(b_ed, axis=1), inv_temperature
+        b_m, b_s, b_w, b_label_x = _fold_tile(
+            b_x,
+            i_tile == 0,
+            b_m,
+            b_s,
+            b_w,
+            b_label_x,
+            labels_ptr,
+            logits_ptr,
+            o_rows,
+            o_n,
+            m_n,
+            o_cols,
+            m_cols,
+            v_start,
+            keep_rows,
+            stride_ln,
+            inv_temperature,
+            HAS_LABELS,
+            STORE_LOGITS,
+            BLOCK_V,
         )
-        if HAS_LABELS:
-            # The label's column within this tile, in 32 bits (-1 when elsewhere).
-            b_label = tl.load(labels_ptr + o_rows, mask=m_n, other=-1).to(tl.int64) - v_start
-            c_label = tl.where((b_label >= 0) & (b_label < BLOCK_V), b_label, -1).to(tl.int32)
-            m_hit = o_v[None, :] == c_label[:, None]
-            b_label_x += tl.sum(tl.where(m_hit, b_x, 0.0), axis=1)
         if i_tile == n_tiles - 1:
-            o_part = i_split * n_rows + o_n
-            tl.store(part_m_ptr + o_part, b_m, mask=m_n)
-            tl.store(part_s_ptr + o_part, b_s, mask=m_n)
-            tl.store(part_w_ptr + o_part, b_w, mask=m_n)
-            if HAS_LABELS:
-                tl.store(part_label_ptr + o_part, b_label_x, mask=m_n)
+            _store_partials(
+                part_m_ptr,
+                part_s_ptr,
+                part_w_ptr,
+                part_label_ptr,
+                i_split * n_rows + o_n,
+                m_n,
+                b_m,
+                b_s,
+                b_w,
+                b_label_x,
+                HAS_LABELS,
+            )
 
 
 @triton.jit(do_not_specialize=["n_rows", "n_splits"])
@@ -487,6 +574,15 @@ def linear_entropy_fwd(
     configuration (tests use them to cross tile and split edges).
     """
     _check_blocks(blocks)
+    if os.environ.get("SAEI_LINEAR_TMA", "0") not in ("", "0"):
+        # Opt-in, unmeasured TMA variant for sm_90 (see linear_entropy_tma): same results.
+        from saei_fast.kernels import linear_entropy_tma
+
+        if linear_entropy_tma.tma_selected(hidden, weight):
+            return linear_entropy_tma.linear_entropy_tma_fwd(
+                hidden, weight, bias, rows, labels, inv_temperature,
+                logits_out=logits_out, blocks=blocks, num_splits=num_splits,
+            )  # fmt: skip
     N, D = hidden.shape
     V = weight.shape[0]
     make = torch.zeros if rows is not None else torch.empty
@@ -650,5 +746,7 @@ def benchmark_plans(target: Target) -> list[LaunchPlan]:
     """Every launch of the linear-entropy paths for the benchmark shapes on ``target``, as
     ``saei-fast kernels`` compiles them (see ``_linear_plans``)."""
     from saei_fast.kernels._linear_plans import linear_benchmark_plans
+    from saei_fast.kernels.linear_entropy_tma import tma_benchmark_plans
 
-    return linear_benchmark_plans(target)
+    # The opt-in TMA forward (sm_90 only) is reported beside the default one.
+    return linear_benchmark_plans(target) + tma_benchmark_plans(target)

@@ -1,0 +1,507 @@
+"""The fused linear-entropy forward with its operands loaded by the Hopper Tensor Memory
+Accelerator (TMA): an opt-in variant of ``linear_entropy``'s forward for sm_90.
+
+What it changes: the weight tile (the big stream, ``[V, D]`` with unit column stride) and,
+when every row is computed (``rows`` is None), the hidden tile come through host-built
+tensor descriptors (``triton.tools.tensor_descriptor.TensorDescriptor``, passed as kernel
+arguments: no device allocator is needed, unlike descriptors made inside a kernel). One TMA
+instruction per tile replaces the per-thread address arithmetic and ``cp.async`` copies of
+the pointer kernel, and the hardware zero-fills rows past ``N``, columns past ``V`` and the
+ragged end of ``D`` (the columns past ``V`` are then set to ``-inf``, as in the default
+kernel). The persistent grouped schedule, tile sizes, warps and stages, the statistics
+epilogue (``_fold_tile``) and the split merge are those of the default forward, so the
+numbers are the same function of the same rounded logits. Gathered rows (``rows``) and a
+hidden layout TMA cannot describe are read through pointers, as before.
+
+Compiled for sm_90 (``saei-fast kernels --arch sm_90``, roles ``forward-tma`` and
+``frozen-head-tma``; bf16, 128 x 128 x 64 tiles, 8 warps, 3 stages, N = 8192 and the 3456-row
+frozen-head chunk, D = 4096): two ``UTMALDG`` (``cp.async.bulk.tensor``) and four ``HGMMA``
+per 64-deep step, in a loop of 76 SASS instructions against the pointer kernel's 110 with
+labels (87 against 102 without): its 8 ``LDGSTS`` and their address arithmetic are gone, at
+the cost of 4 ``BAR`` and 2 mbarrier (``SYNCS``) instructions per step instead of 2 ``BAR``.
+No spills; 96 KiB of pipelined shared memory as before. Registers, TMA / default: Triton 3.9
+180 / 182 with labels and 151 / 174 without; Triton 3.6 184 / 170 and 142 / 174. Every one
+is over 128, so one program per SM still, and the same persistent schedule and wave
+efficiency as the default.
+
+Warp specialisation (``tl.range(..., warp_specialize=True)``) is not used: on sm_90 with 8
+warps, both Triton 3.6 and 3.9 leave the K loop as it was (the same SASS, byte for byte); with
+4 warps both compile this kernel to an empty function (``EXIT`` only). On a plain 4-warp TMA
+matmul, 3.6 specialises the K loop (a producer and two consumer warp groups) but 3.9's
+``NVGPUWarpSpecialization`` pass fails; on a persistent tile loop neither version
+specialises anything, with 4 or 8 warps.
+
+It is UNMEASURED: nothing here has run on a GPU, so it is not the default. Switch it on
+with ``SAEI_LINEAR_TMA=1``: ``linear_entropy_fwd`` then launches this kernel on sm_90 CUDA
+devices (and under ``TRITON_INTERPRET=1``, where the tests run it); on any other device the
+variable is an error (``RuntimeError``), so a measurement is never silently of the default
+kernel. A weight whose layout TMA cannot describe (column stride not 1, row stride or base
+address not 16-byte aligned) gets the default kernel for that call. ``bench/gpu_check.py``
+times both forwards side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+from saei_fast.kernels._linear_config import (
+    GemmConfig,
+    chunk_rows,
+    fwd_schedule,
+    gemm_config,
+    training_gemms,
+)
+from saei_fast.kernels._plan import TRITON_DTYPE, LaunchPlan, Target, target_for
+from saei_fast.kernels.linear_entropy import (
+    MERGE_BLOCK,
+    _bias_and_mask,
+    _check_blocks,
+    _check_logits_buffer,
+    _fold_tile,
+    _merge_splits_kernel,
+    _store_partials,
+)
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+# The opt-in switch read by ``linear_entropy.linear_entropy_fwd``.
+TMA_ENV = "SAEI_LINEAR_TMA"
+
+# -------------------------------------------------------------------------------------------
+# Kernels
+# -------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tma_logits_tile(
+    hidden_desc,
+    hidden_ptr,
+    weight_desc,
+    bias_ptr,
+    o_rows,
+    m_n,
+    row_start,
+    v_start,
+    o_cols,
+    m_cols,
+    D,
+    stride_hn,
+    stride_hd,
+    HAS_BIAS: tl.constexpr,
+    HIDDEN_TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``_logits_tile`` with the weight (and, with ``HIDDEN_TMA``, the hidden) tile loaded by
+    TMA; out-of-range rows, columns and ``D`` entries arrive as 0."""
+    o_d = tl.arange(0, BLOCK_D)
+    b_acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for i_d in range(0, tl.cdiv(D, BLOCK_D)):
+        d_start = i_d * BLOCK_D
+        if HIDDEN_TMA:
+            b_h = hidden_desc.load([row_start, d_start])
+        else:
+            o_dd = d_start + o_d
+            p_h = hidden_ptr + o_rows[:, None] * stride_hn + o_dd[None, :] * stride_hd
+            b_h = tl.load(p_h, mask=m_n[:, None] & (o_dd < D)[None, :], other=0.0)
+        b_w = weight_desc.load([v_start, d_start])  # [BLOCK_V, BLOCK_D], as stored
+        # IEEE fp32 products for fp32 operands, as in _logits_tile.
+        b_acc = tl.dot(b_h, b_w.T, b_acc, input_precision="ieee")
+    return _bias_and_mask(b_acc, bias_ptr, o_cols, m_cols, HAS_BIAS)
+
+
+@triton.jit(do_not_specialize=["n_rows", "keep_rows", "group_rows", "n_splits"])
+def _linear_entropy_tma_fwd_kernel(
+    hidden_desc,
+    hidden_ptr,
+    weight_desc,
+    bias_ptr,
+    rows_ptr,
+    labels_ptr,
+    part_m_ptr,
+    part_s_ptr,
+    part_w_ptr,
+    part_label_ptr,
+    logits_ptr,
+    n_rows,
+    keep_rows,
+    V,
+    D,
+    group_rows,
+    n_splits,
+    stride_hn,
+    stride_hd,
+    stride_ln,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
+    HIDDEN_TMA: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # The schedule of _linear_entropy_fwd_kernel (persistent G x S grid, one flat loop over
+    # (row block, tile) pairs); only the operand loads differ.
+    pid = tl.program_id(0)
+    i_lane = pid % group_rows
+    i_split = pid // group_rows
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), n_splits)
+    v_begin = i_split * tiles_per_split * BLOCK_V
+    n_tiles = tl.minimum(tiles_per_split, tl.cdiv(V - v_begin, BLOCK_V))
+    n_blocks = tl.maximum(tl.cdiv(tl.cdiv(n_rows, BLOCK_N) - i_lane, group_rows), 0)
+    b_m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    b_s = tl.zeros((BLOCK_N,), tl.float32)
+    b_w = tl.zeros((BLOCK_N,), tl.float32)
+    b_label_x = tl.zeros((BLOCK_N,), tl.float32)
+    for t in range(0, n_blocks * n_tiles):
+        i_tile = t % n_tiles
+        i_n = i_lane + (t // n_tiles) * group_rows
+        v_start = v_begin + i_tile * BLOCK_V
+        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_n = o_n < n_rows
+        if HAS_ROWS:
+            o_rows = tl.load(rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+        else:
+            o_rows = o_n.to(tl.int64)
+        o_cols = v_start + tl.arange(0, BLOCK_V)
+        m_cols = o_cols < V
+        b_x = _tma_logits_tile(
+            hidden_desc,
+            hidden_ptr,
+            weight_desc,
+            bias_ptr,
+            o_rows,
+            m_n,
+            i_n * BLOCK_N,
+            v_start,
+            o_cols,
+            m_cols,
+            D,
+            stride_hn,
+            stride_hd,
+            HAS_BIAS,
+            HIDDEN_TMA,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+        )
+        # Rounded to the input dtype as in the default kernel (see there).
+        b_x = b_x.to(weight_desc.dtype).to(tl.float32)
+        b_m, b_s, b_w, b_label_x = _fold_tile(
+            b_x,
+            i_tile == 0,
+            b_m,
+            b_s,
+            b_w,
+            b_label_x,
+            labels_ptr,
+            logits_ptr,
+            o_rows,
+            o_n,
+            m_n,
+            o_cols,
+            m_cols,
+            v_start,
+            keep_rows,
+            stride_ln,
+            inv_temperature,
+            HAS_LABELS,
+            STORE_LOGITS,
+            BLOCK_V,
+        )
+        if i_tile == n_tiles - 1:
+            _store_partials(
+                part_m_ptr,
+                part_s_ptr,
+                part_w_ptr,
+                part_label_ptr,
+                i_split * n_rows + o_n,
+                m_n,
+                b_m,
+                b_s,
+                b_w,
+                b_label_x,
+                HAS_LABELS,
+            )
+
+
+# -------------------------------------------------------------------------------------------
+# Launch configuration and selection
+# -------------------------------------------------------------------------------------------
+
+
+def tma_config(target: Target, dtype: torch.dtype) -> GemmConfig:
+    """The TMA forward's tiles, warps, stages and resident programs per SM: those of the
+    default forward (``gemm_config``); the report checks that they still fit one program per
+    SM without spilling (``tests/test_kernel_report_tma.py``)."""
+    return gemm_config(target, dtype)
+
+
+def tma_requested() -> bool:
+    """Whether ``SAEI_LINEAR_TMA`` asks for the TMA forward (unset, empty or 0: no)."""
+    return os.environ.get(TMA_ENV, "0") not in ("", "0")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_tma_device(device: torch.device) -> None:
+    """Raise ``RuntimeError`` unless ``device`` can run the TMA forward: a CUDA device of
+    compute capability 9.x (Hopper: TMA and wgmma), or CPU tensors under the interpreter."""
+    if device.type == "cpu" and _interpreting():
+        return
+    if device.type == "cuda" and not getattr(torch.version, "hip", None):
+        major, minor = torch.cuda.get_device_capability(device)
+        if major == 9:
+            return
+        found = f"sm_{major}{minor}"
+    else:
+        found = "a ROCm device" if device.type == "cuda" else f"a {device.type} device"
+    raise RuntimeError(
+        f"{TMA_ENV}=1 selects the TMA forward, which needs an sm_90 CUDA device; got {found} "
+        f"({device}). Unset {TMA_ENV} to use the default forward."
+    )
+
+
+def _describable(tensor: torch.Tensor) -> bool:
+    """Whether TMA can address ``tensor`` (2-D, not empty): unit inner stride, 16-byte
+    aligned base and row stride."""
+    size = tensor.element_size()
+    return (
+        tensor.numel() > 0
+        and tensor.stride(1) == 1
+        and tensor.data_ptr() % 16 == 0
+        and (tensor.stride(0) * size) % 16 == 0
+    )
+
+
+def tma_selected(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The selection hook of ``linear_entropy_fwd``: True when ``SAEI_LINEAR_TMA`` asks for
+    the TMA forward and ``weight`` can be described (raises on a device that cannot run it,
+    see :func:`check_tma_device`); False otherwise (the default forward runs)."""
+    if not tma_requested():
+        return False
+    check_tma_device(hidden.device)
+    return _describable(weight)
+
+
+# -------------------------------------------------------------------------------------------
+# Launcher
+# -------------------------------------------------------------------------------------------
+
+
+def linear_entropy_tma_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    inv_temperature: float,
+    *,
+    logits_out: torch.Tensor | None = None,
+    blocks: tuple[int, int, int] | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``linear_entropy.linear_entropy_fwd`` (same arguments, results and numerics) with the
+    weight tile, and the hidden tile when ``rows`` is None, loaded by TMA.
+
+    Raises ``ValueError`` when ``weight`` is not TMA-describable (unit column stride, 16-byte
+    aligned base and row stride: ``D`` a multiple of 8 in 16-bit, of 4 in fp32), and
+    ``RuntimeError`` off sm_90 (see :func:`check_tma_device`).
+    """
+    _check_blocks(blocks)
+    if weight.dim() != 2 or not _describable(weight):
+        raise ValueError(
+            "weight must be [V, D] with unit column stride and 16-byte aligned base and row "
+            f"stride for TMA, got shape {tuple(weight.shape)} strides {weight.stride()}"
+        )
+    check_tma_device(hidden.device)
+    N, D = hidden.shape
+    V = weight.shape[0]
+    make = torch.zeros if rows is not None else torch.empty
+    entropy = make(N, dtype=torch.float32, device=hidden.device)
+    stats = make(N, 2, dtype=torch.float32, device=hidden.device)
+    logprobs = make(N, dtype=torch.float32, device=hidden.device) if labels is not None else None
+    n_rows = N if rows is None else rows.numel()
+    if n_rows == 0:
+        return entropy, logprobs, stats
+
+    if logits_out is not None:
+        _check_logits_buffer("logits_out", logits_out, hidden.dtype, V)
+    target = target_for(hidden.device)
+    config = tma_config(target, hidden.dtype)
+    if blocks is not None:
+        config = dataclasses.replace(
+            config, block_n=blocks[0], block_v=blocks[1], block_d=blocks[2]
+        )
+    schedule = fwd_schedule(target, config, n_rows, V, num_splits=num_splits)
+    hidden_tma = rows is None and _describable(hidden)
+    hidden_desc = (
+        TensorDescriptor.from_tensor(hidden, [config.block_n, config.block_d])
+        if hidden_tma
+        else None
+    )
+    weight_desc = TensorDescriptor.from_tensor(weight, [config.block_v, config.block_d])
+    n_parts = 4 if labels is not None else 3
+    parts = torch.empty(n_parts, schedule.splits, n_rows, device=hidden.device)
+    _linear_entropy_tma_fwd_kernel[schedule.grid](
+        hidden_desc,
+        None if hidden_tma else hidden,
+        weight_desc,
+        bias,
+        rows,
+        labels,
+        parts[0],
+        parts[1],
+        parts[2],
+        parts[3] if labels is not None else None,
+        logits_out,
+        n_rows,
+        0 if logits_out is None else logits_out.shape[0],
+        V,
+        D,
+        schedule.group_rows,
+        schedule.splits,
+        hidden.stride(0),
+        hidden.stride(1),
+        0 if logits_out is None else logits_out.stride(0),
+        inv_temperature,
+        HAS_BIAS=bias is not None,
+        HAS_ROWS=rows is not None,
+        HIDDEN_TMA=hidden_tma,
+        HAS_LABELS=labels is not None,
+        STORE_LOGITS=logits_out is not None,
+        BLOCK_N=config.block_n,
+        BLOCK_V=config.block_v,
+        BLOCK_D=config.block_d,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    _merge_splits_kernel[(triton.cdiv(n_rows, MERGE_BLOCK),)](
+        rows,
+        labels,
+        parts[0],
+        parts[1],
+        parts[2],
+        parts[3] if labels is not None else None,
+        entropy,
+        logprobs,
+        stats,
+        n_rows,
+        schedule.splits,
+        V,
+        inv_temperature,
+        HAS_ROWS=rows is not None,
+        HAS_LABELS=labels is not None,
+        BLOCK=MERGE_BLOCK,
+        num_warps=4,
+    )
+    return entropy, logprobs, stats
+
+
+# -------------------------------------------------------------------------------------------
+# Benchmark plans (``saei-fast kernels``)
+# -------------------------------------------------------------------------------------------
+
+
+def _plan(target: Target, n_rows: int, D: int, labels: bool, role: str, extra: dict):
+    """The TMA forward over ``n_rows`` contiguous bf16 rows, keeping the logits of up to one
+    chunk, as ``linear_entropy_tma_fwd`` launches it."""
+    from saei_fast.kernels._linear_plans import BENCHMARK_VOCAB
+
+    dtype, V = torch.bfloat16, BENCHMARK_VOCAB
+    config = tma_config(target, dtype)
+    schedule = fwd_schedule(target, config, n_rows, V)
+    data = TRITON_DTYPE[dtype]
+    consts = {
+        "hidden_ptr": None,
+        "bias_ptr": None,
+        "rows_ptr": None,
+        "HAS_BIAS": False,
+        "HAS_ROWS": False,
+        "HIDDEN_TMA": True,
+        "HAS_LABELS": labels,
+        "STORE_LOGITS": True,
+        "BLOCK_N": config.block_n,
+        "BLOCK_V": config.block_v,
+        "BLOCK_D": config.block_d,
+        # A real launch specialises the unit column stride of a contiguous hidden to 1.
+        "stride_hd": 1,
+    }
+    if not labels:
+        consts |= {"labels_ptr": None, "part_label_ptr": None}
+    types = {
+        "hidden_desc": f"tensordesc<{data}[{config.block_n}, {config.block_d}]>",
+        "weight_desc": f"tensordesc<{data}[{config.block_v}, {config.block_d}]>",
+        "labels_ptr": "*i64",
+        "part_m_ptr": "*fp32",
+        "part_s_ptr": "*fp32",
+        "part_w_ptr": "*fp32",
+        "part_label_ptr": "*fp32",
+        "logits_ptr": f"*{data}",
+        "stride_hn": "i64",
+        "stride_ln": "i64",
+        "inv_temperature": "fp32",
+    }
+    types |= dict.fromkeys(("n_rows", "keep_rows", "V", "D", "group_rows", "n_splits"), "i32")
+    kernel = _linear_entropy_tma_fwd_kernel
+    kept = min(n_rows, chunk_rows(dtype, V, config.block_n))
+    weight_reads = triton.cdiv(triton.cdiv(n_rows, config.block_n), schedule.group_rows)
+    aligned = ("logits_ptr", "V", "D", "stride_hn", "stride_ln")
+    return LaunchPlan(
+        op="linear_entropy",
+        kernel=kernel,
+        role=role,
+        dtype=dtype,
+        shape={"N": n_rows, "D": D, "V": V},
+        signature={n: types[n] for n in kernel.arg_names if n not in consts},
+        constexprs=consts,
+        aligned=aligned + (("labels_ptr",) if labels else ()),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        grid=schedule.grid,
+        loop_elements=None,
+        # As the default forward's plan: hidden once, the weight once per group of row
+        # blocks, the kept logits written.
+        bytes_moved=(n_rows * D + weight_reads * V * D + kept * V) * dtype.itemsize,
+        flops=2 * n_rows * D * V,
+        extra={
+            **extra,
+            "variant": "tma",
+            "ctas_per_sm": config.ctas_per_sm,
+            "wave_efficiency": schedule.wave_efficiency,
+            "work_items": schedule.work_items(n_rows, V, config),
+            "group_rows": schedule.group_rows,
+            "splits": schedule.splits,
+        },
+    )
+
+
+def tma_benchmark_plans(target: Target) -> list[LaunchPlan]:
+    """The TMA forward for every ``N x D`` of the linear benchmark grid on ``target``: role
+    ``forward-tma`` (the training forward: labels, the first chunk's logits kept) and
+    ``frozen-head-tma`` (the attack's forward over one chunk: no labels). None off sm_90
+    (TMA is Hopper's; the variant is only selected there)."""
+    if target.is_amd or target.arch != 90:
+        return []
+    from saei_fast.kernels._linear_plans import BENCHMARK_DIMS, BENCHMARK_ROWS, BENCHMARK_VOCAB
+
+    chunk = chunk_rows(torch.bfloat16, BENCHMARK_VOCAB, tma_config(target, torch.bfloat16).block_n)
+    plans = []
+    for n_rows in BENCHMARK_ROWS:
+        for D in BENCHMARK_DIMS:
+            kept = min(n_rows, chunk)
+            train = {"path": "train", "gemms": training_gemms(n_rows, kept)}
+            frozen = {"path": "frozen-head", "gemms": 2.0}
+            plans += [
+                _plan(target, n_rows, D, True, "forward-tma", train),
+                _plan(target, kept, D, False, "frozen-head-tma", frozen),
+            ]
+    return plans
