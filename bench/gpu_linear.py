@@ -1,13 +1,13 @@
 """Linear entropy checks for the single GPU check script: correctness and timings.
 
 ``correctness(device)`` compares every implementation (fused Triton kernels, chunked Triton
-variant, frozen-lm_head fast path, recompute path, PyTorch path, and on sm_90 the fused path
-with the opt-in TMA forward) with float64 truth on the same device and applies the accuracy
-rule: ours may be no less accurate than naive PyTorch in the same dtype, plus a small
-per-dtype allowance. ``timings(device)`` returns the benchmark
-registry's linear-entropy rows (ours vs naive vs chunked PyTorch and the peers installed on
-CUDA). Both run on a CPU too, with tiny shapes (the Triton variants only under
-``TRITON_INTERPRET=1``).
+variant, frozen-lm_head fast path, recompute path, PyTorch path, the loss head
+``linear_token_loss``, and on sm_90 the fused path with the opt-in TMA forward) with float64
+truth on the same device and applies the accuracy rule: ours may be no less accurate than
+naive PyTorch in the same dtype, plus a small per-dtype allowance. ``timings(device)``
+returns the benchmark registry's linear-entropy rows (ours vs naive vs chunked PyTorch and
+the peers installed on CUDA). Both run on a CPU too, with tiny shapes (the Triton variants
+only under ``TRITON_INTERPRET=1``).
 
     python bench/gpu_linear.py cuda
 """
@@ -24,6 +24,7 @@ import torch
 
 from saei_fast.ops.dispatch import triton_available, triton_interpreting
 from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
+from saei_fast.ops.linear_loss import linear_token_loss
 from saei_fast.reference import (
     linear_logprobs_and_entropy_reference,
     naive_linear_entropy,
@@ -191,6 +192,60 @@ def _frozen_head_case(device, dtype, n, d, v, variant, options) -> list[dict]:
     return rows
 
 
+def _token_loss_case(device, dtype, n, d, v, variant, options) -> list[dict]:
+    """``linear_token_loss`` (gradients formed in the forward) on a loss linear in the
+    per-token log-probs and entropies: its loss and gradients against float64 truth, with
+    naive PyTorch in the same dtype as the allowance."""
+    hidden, weight, bias, labels, mask = _inputs(n, d, v, dtype, device, seed=v + n + 2)
+    gen = torch.Generator(device=device).manual_seed(3)
+    g_entropy = torch.randn(n, device=device, generator=gen, dtype=torch.float64)
+    g_logprobs = torch.randn(n, device=device, generator=gen, dtype=torch.float64)
+
+    def token_loss(logprobs, entropy, index):
+        return g_logprobs[index] * logprobs.double() + g_entropy[index] * entropy.double()
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss = linear_token_loss(
+        leaves[0], leaves[1], labels, token_loss, bias=leaves[2], temperature=0.8, mask=mask,
+        **options,
+    )  # fmt: skip
+    loss.backward()
+    ours = [loss.detach()] + [leaf.grad for leaf in leaves]
+
+    def summed(fn, *tensors):
+        logp, ent, *grads = _values_and_grads(fn, *tensors, g_entropy, g_logprobs)
+        return [(g_entropy * ent.double() + g_logprobs * logp.double()).sum(), *grads]
+
+    truth = summed(
+        lambda h, w, b: linear_logprobs_and_entropy_reference(
+            h, w, labels, bias=b, temperature=0.8, mask=mask
+        ),
+        hidden.double(), weight.double(), bias.double(),
+    )  # fmt: skip
+
+    def naive_fn(h, w, b):
+        logp, ent = naive_linear_logprobs_and_entropy(h, w, labels, bias=b, temperature=0.8)
+        zero = torch.zeros((), dtype=ent.dtype, device=device)
+        return torch.where(mask, logp, zero), torch.where(mask, ent, zero)
+
+    naive = summed(naive_fn, hidden, weight, bias)
+    rows = []
+    names = ("loss", "grad_hidden", "grad_weight", "grad_bias")
+    for name, o, t, nv in zip(names, ours, truth, naive, strict=True):
+        scale = max(t.abs().max().item(), 1.0 if name == "loss" else 1e-30)
+        err, naive_err = _max_err(o, t) / scale, _max_err(nv, t) / scale
+        rows.append(
+            {
+                "op": "linear_token_loss",
+                "case": f"{variant} {str(dtype)[6:]} {n}x{d}x{v} {name}",
+                "max_err": err,
+                "naive_err": naive_err,
+                "ok": bool(err <= naive_err + EXTRA_TOL[dtype]),
+            }
+        )
+    return rows
+
+
 def _special_rows_case(device, dtype, v, variant, options) -> dict:
     """Peaked and all-negative logits (weight = identity, so logits = hidden): the last
     vocabulary tile's padding columns must not add exp(0)."""
@@ -237,6 +292,8 @@ def correctness(device: str) -> list[dict]:
                 for n, d, v in shapes:
                     results += _labels_case(dev, dtype, n, d, v, variant, options)
                     results += _frozen_head_case(dev, dtype, n, d, v, variant, options)
+                    if set(options) <= {"impl", "chunk_rows"}:  # the options the loss takes
+                        results += _token_loss_case(dev, dtype, n, d, v, variant, options)
             for v in special_vs:
                 results.append(_special_rows_case(dev, torch.float32, v, variant, options))
     return results
