@@ -15,6 +15,17 @@ log-probs and entropies of the completion tokens at the sampling temperature, th
              :func:`saei_fast.linear_logprobs_and_entropy`) in the same call
   naive      full ``[B, L, V]`` logits from ``model(**inputs)``, log-softmax and entropy
 
+A call hands the parameter gradients back with its outputs and leaves none on the model, as
+an optimizer step followed by ``zero_grad(set_to_none=True)`` would: every call starts from
+the same memory, whichever provider ran before, and its peak counts the gradients it
+allocates. (When the gradients stayed on the model, a provider measured after another one
+started with that one's gradients alive, among them the ``[V, D]`` embedding and head
+gradients, 297 MiB on the CPU quick case, and reused their memory: only the provider that
+went first paid for them.) Every provider allocates the same gradients, so ``param_grad_MiB``
+is the floor of every row's true peak and what a head adds is the peak above it. (A CPU's
+RSS peak is a lower bound: the allocator's reuse of freed memory can hide part of it, unless
+``MALLOC_MMAP_THRESHOLD_=65536`` makes glibc return every large block when it is freed.)
+
 This case decides the ``saei_fused_head`` default on CUDA: off until a GPU run shows
 ``ours`` at least as fast as ``trl-head`` here. Needs transformers and TRL; the inputs
 (model with TRL's head installed, batch, labels) are built once per shape.
@@ -79,6 +90,15 @@ def _loss(logps: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor) -> tor
     return loss.sum() / mask.sum()
 
 
+def _take_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameter gradients by name, removed from the model (see the module docstring)."""
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            grads[name], param.grad = param.grad, None
+    return grads
+
+
 def _fused(head):
     def make():
         def fn(model, inputs, labels):
@@ -86,7 +106,7 @@ def _fused(head):
             outputs = head(model)(**inputs, labels=labels, fused_lm_head=True)
             mask, logps, entropy = outputs.label_mask, outputs.log_probs, outputs.entropy
             _loss(logps, entropy, mask).backward()
-            return logps.detach()[mask], entropy.detach()[mask]
+            return logps.detach()[mask], entropy.detach()[mask], _take_grads(model)
 
         return fn
 
@@ -109,7 +129,7 @@ def _naive():
         logps = logp_all.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         _loss(logps, entropy, mask).backward()
-        return logps.detach()[mask], entropy.detach()[mask]
+        return logps.detach()[mask], entropy.detach()[mask], _take_grads(model)
 
     return fn
 
@@ -136,6 +156,15 @@ def _shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
     return [(2, 16, VOCAB)] if quick else [(4, 128, VOCAB)]
 
 
+def _describe(inputs: dict) -> dict:
+    params = [p for p in inputs["model"].parameters() if p.requires_grad]
+    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    return {
+        "completion_tokens": int((inputs["labels"] != -100).sum()),
+        "param_grad_MiB": round(grad_bytes / 2**20, 1),
+    }
+
+
 LOSS_HEAD = OpBench(
     name="loss_head",
     title="GRPO loss pass of a VLM (backbone + log-probs/entropy head + backward)",
@@ -145,6 +174,9 @@ LOSS_HEAD = OpBench(
     shapes=_shapes,
     dtype=lambda device: torch.bfloat16 if device.type == "cuda" else torch.float32,
     build=_build,
-    repeats=lambda device, quick: (2, 10) if device.type == "cuda" else (1, 1 if quick else 3),
-    describe=lambda inputs: {"completion_tokens": int((inputs["labels"] != -100).sum())},
+    # The peak is read on the last warm-up call. On a CPU the first call of a process pays
+    # one-time costs (Inductor compiling ours' CPU path, thread pools, the model's first pass)
+    # that only the provider that happens to go first would carry: two warm-up calls there.
+    repeats=lambda device, quick: (2, 10) if device.type == "cuda" else (2, 1 if quick else 3),
+    describe=_describe,
 )

@@ -8,7 +8,8 @@ GEMMs (each ``2 * rows * D * V`` FLOPs) per path:
 * training (gradients to ``hidden`` and the lm_head): the forward keeps the logits of the
   first ``keep`` rows (one chunk budget), so their backward is the gradient pass over the kept
   logits plus ``grad_hidden`` and ``grad_weight`` (cuBLAS): 3 GEMMs; rows beyond the budget
-  are recomputed (a 4th GEMM for those rows only);
+  are recomputed (a 4th GEMM for those rows only); the loss head (``_token_loss_paths``)
+  forms each chunk's gradient in the forward: 3 GEMMs for every row;
 * the entropy attack (frozen lm_head, gradient to ``hidden``): per chunk, the forward keeps
   the chunk's logits, ``dH/dlogits`` is written over them, and ``dH/dhidden`` is one cuBLAS
   GEMM: 2 GEMMs, and the backward is a per-row scaling.

@@ -7,7 +7,9 @@ Memory bound: only chunks of rows are ever turned into logits (``_linear_chunks`
 
 * forward, Triton (CUDA): none at all when no gradient is needed; the GEMM epilogue keeps
   online statistics (``kernels.linear_entropy``). When a backward will follow, the logits of
-  one chunk of rows are kept for it (3 GEMMs in all for those rows instead of 4).
+  one chunk of rows are kept for it (3 GEMMs in all for those rows instead of 4). A loss
+  that is a sum of per-token terms can go through ``linear_loss.linear_token_loss`` instead,
+  which forms the gradient in the forward: 3 GEMMs for every row.
 * forward, PyTorch path (and the chunked Triton variant kept for benchmarks): one ``[c, V]``
   logits chunk at a time.
 * backward: the chunk's logits are read back (kept) or recomputed and turned into the
