@@ -547,6 +547,42 @@ def _config_for(device: torch.device, dtype: torch.dtype, blocks) -> GemmConfig:
 # -------------------------------------------------------------------------------------------
 
 
+def forward_outputs(hidden: torch.Tensor, rows: torch.Tensor | None, labels):
+    """``(entropy, logprobs or None, stats, n_rows)``: the forward launchers' outputs, zeroed
+    when only ``rows`` are computed (the others must read 0)."""
+    N = hidden.shape[0]
+    make = torch.zeros if rows is not None else torch.empty
+    entropy = make(N, dtype=torch.float32, device=hidden.device)
+    stats = make(N, 2, dtype=torch.float32, device=hidden.device)
+    logprobs = make(N, dtype=torch.float32, device=hidden.device) if labels is not None else None
+    return entropy, logprobs, stats, N if rows is None else rows.numel()
+
+
+def merge_splits(rows, labels, parts, entropy, logprobs, stats, V: int, inv_temperature: float):
+    """Merge the per-split statistics ``parts [3 or 4, splits, n_rows]`` of a forward launch
+    into ``entropy`` / ``logprobs`` / ``stats``."""
+    n_rows = parts.shape[2]
+    _merge_splits_kernel[(triton.cdiv(n_rows, MERGE_BLOCK),)](
+        rows,
+        labels,
+        parts[0],
+        parts[1],
+        parts[2],
+        parts[3] if labels is not None else None,
+        entropy,
+        logprobs,
+        stats,
+        n_rows,
+        parts.shape[1],
+        V,
+        inv_temperature,
+        HAS_ROWS=rows is not None,
+        HAS_LABELS=labels is not None,
+        BLOCK=MERGE_BLOCK,
+        num_warps=4,
+    )
+
+
 def linear_entropy_fwd(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -583,13 +619,8 @@ def linear_entropy_fwd(
                 hidden, weight, bias, rows, labels, inv_temperature,
                 logits_out=logits_out, blocks=blocks, num_splits=num_splits,
             )  # fmt: skip
-    N, D = hidden.shape
-    V = weight.shape[0]
-    make = torch.zeros if rows is not None else torch.empty
-    entropy = make(N, dtype=torch.float32, device=hidden.device)
-    stats = make(N, 2, dtype=torch.float32, device=hidden.device)
-    logprobs = make(N, dtype=torch.float32, device=hidden.device) if labels is not None else None
-    n_rows = N if rows is None else rows.numel()
+    V, D = weight.shape
+    entropy, logprobs, stats, n_rows = forward_outputs(hidden, rows, labels)
     if n_rows == 0:
         return entropy, logprobs, stats
 
@@ -632,25 +663,7 @@ def linear_entropy_fwd(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    _merge_splits_kernel[(triton.cdiv(n_rows, MERGE_BLOCK),)](
-        rows,
-        labels,
-        parts[0],
-        parts[1],
-        parts[2],
-        parts[3] if labels is not None else None,
-        entropy,
-        logprobs,
-        stats,
-        n_rows,
-        schedule.splits,
-        V,
-        inv_temperature,
-        HAS_ROWS=rows is not None,
-        HAS_LABELS=labels is not None,
-        BLOCK=MERGE_BLOCK,
-        num_warps=4,
-    )
+    merge_splits(rows, labels, parts, entropy, logprobs, stats, V, inv_temperature)
     return entropy, logprobs, stats
 
 

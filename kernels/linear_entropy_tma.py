@@ -57,13 +57,13 @@ from saei_fast.kernels._linear_config import (
 )
 from saei_fast.kernels._plan import TRITON_DTYPE, LaunchPlan, Target, target_for
 from saei_fast.kernels.linear_entropy import (
-    MERGE_BLOCK,
     _bias_and_mask,
     _check_blocks,
     _check_logits_buffer,
     _fold_tile,
-    _merge_splits_kernel,
     _store_partials,
+    forward_outputs,
+    merge_splits,
 )
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -323,13 +323,8 @@ def linear_entropy_tma_fwd(
             f"stride for TMA, got shape {tuple(weight.shape)} strides {weight.stride()}"
         )
     check_tma_device(hidden.device)
-    N, D = hidden.shape
-    V = weight.shape[0]
-    make = torch.zeros if rows is not None else torch.empty
-    entropy = make(N, dtype=torch.float32, device=hidden.device)
-    stats = make(N, 2, dtype=torch.float32, device=hidden.device)
-    logprobs = make(N, dtype=torch.float32, device=hidden.device) if labels is not None else None
-    n_rows = N if rows is None else rows.numel()
+    V, D = weight.shape
+    entropy, logprobs, stats, n_rows = forward_outputs(hidden, rows, labels)
     if n_rows == 0:
         return entropy, logprobs, stats
 
@@ -384,25 +379,7 @@ def linear_entropy_tma_fwd(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    _merge_splits_kernel[(triton.cdiv(n_rows, MERGE_BLOCK),)](
-        rows,
-        labels,
-        parts[0],
-        parts[1],
-        parts[2],
-        parts[3] if labels is not None else None,
-        entropy,
-        logprobs,
-        stats,
-        n_rows,
-        schedule.splits,
-        V,
-        inv_temperature,
-        HAS_ROWS=rows is not None,
-        HAS_LABELS=labels is not None,
-        BLOCK=MERGE_BLOCK,
-        num_warps=4,
-    )
+    merge_splits(rows, labels, parts, entropy, logprobs, stats, V, inv_temperature)
     return entropy, logprobs, stats
 
 

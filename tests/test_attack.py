@@ -36,13 +36,8 @@ from saei_fast.testing import (
 GRAD_RTOL = {torch.float64: 1e-5, torch.float32: 1e-4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Toy matrices: threads only add synchronisation, which dominates on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: intra-op threads only add synchronisation on a shared CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

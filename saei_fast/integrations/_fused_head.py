@@ -64,8 +64,11 @@ class FusedHead:
     are cast to the weight's dtype, which is that setting's semantics.
     """
 
-    def __init__(self, model: torch.nn.Module, *, temperature: float) -> None:
+    def __init__(self, model: torch.nn.Module, *, temperature: float, loss=None) -> None:
         self.model = model
+        # A GRPOTokenLoss (_fused_loss) when the call is TRL's training-loss forward with
+        # saei_fused_loss: the head then also takes the loss's gradient.
+        self.loss = loss
         self.hf_model = unwrap_peft(model)
         text_config = self.hf_model.config.get_text_config()
         # logits * m / T: the multiplier folds into the temperature.
@@ -85,13 +88,23 @@ class FusedHead:
         # Only the scored positions reach the head; autocast off so that the head runs in
         # its weight's dtype (float32 with cast_lm_head_to_fp32), as in TRL's head.
         with torch.autocast(hidden.device.type, enabled=False):
-            logps, entropy = linear_logprobs_and_entropy(
-                hidden[mask].to(weight.dtype),
-                weight,
-                labels[mask],
-                bias=bias,
-                temperature=self.temperature,
-            )
+            if self.loss is None:
+                logps, entropy = linear_logprobs_and_entropy(
+                    hidden[mask].to(weight.dtype),
+                    weight,
+                    labels[mask],
+                    bias=bias,
+                    temperature=self.temperature,
+                )
+            else:
+                logps, entropy = self.loss.run(
+                    hidden[mask].to(weight.dtype),
+                    weight,
+                    labels[mask],
+                    bias,
+                    self.temperature,
+                    self._completion_positions(mask),
+                )
         zeros = logps.new_zeros(mask.shape)
         return SimpleNamespace(
             log_probs=zeros.masked_scatter(mask, logps),
@@ -99,3 +112,18 @@ class FusedHead:
             aux_loss=None,
             label_mask=mask,
         )
+
+    def _completion_positions(self, mask: torch.Tensor) -> torch.Tensor:
+        """Flat positions in the loss's ``[B, T]`` completion grid of the scored tokens
+        (``mask [B, L - 1]``: the last ``T`` columns are the completion's)."""
+        rows, width = self.loss.rows, self.loss.width
+        if mask.shape[0] != rows or mask.shape[1] < width:
+            raise RuntimeError(
+                f"saei_fused_loss: TRL's loss forward scored a [{mask.shape[0]}, "
+                f"{mask.shape[1]}] batch, not the [{rows}, {width}] completions of its inputs"
+            )
+        row, column = mask.nonzero(as_tuple=True)
+        offset = mask.shape[1] - width
+        if bool((column < offset).any()):
+            raise RuntimeError("saei_fused_loss: a scored token lies outside the completion")
+        return row * width + (column - offset)

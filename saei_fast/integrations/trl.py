@@ -58,6 +58,8 @@ from trl.models import unwrap_model_for_generation
 from saei_fast import pixels
 from saei_fast.attack import PERTURBATIONS, SCOPES, AttackConfig, entropy_attack
 from saei_fast.integrations._fused_head import FusedHead, unsupported_reason
+from saei_fast.integrations._fused_loss import GRPOTokenLoss
+from saei_fast.integrations._fused_loss import unsupported_reason as unsupported_loss_reason
 from saei_fast.integrations._rows import RowImage, merge_rows, model_batch, split_rows
 from saei_fast.integrations._vllm_prompts import (
     ReportedPrompts,
@@ -149,6 +151,16 @@ class SaEIConfig(GRPOConfig):
         },
     )
 
+    saei_fused_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "Take the gradient of TRL's training loss with saei_fast.linear_token_loss "
+            "while each chunk's logits are in memory (3 GEMMs per completion token at any batch "
+            "size); TRL still computes the loss value and its metrics. Token-level GRPO, BNPO, "
+            "Dr. GRPO and DAPO losses, one process. Also with saei_enabled=False."
+        },
+    )
+
     def __post_init__(self) -> None:
         # Before GRPOConfig's own checks, and whatever saei_enabled says: TRL would accept a
         # zero or NaN temperature here and fail later, deep inside the trainer.
@@ -164,6 +176,10 @@ class SaEIConfig(GRPOConfig):
         if self.saei_fused_head is not None and not isinstance(self.saei_fused_head, bool):
             raise TypeError(
                 f"saei_fused_head must be a bool or None, got {type(self.saei_fused_head).__name__}"
+            )
+        if not isinstance(self.saei_fused_loss, bool):
+            raise TypeError(
+                f"saei_fused_loss must be a bool, got {type(self.saei_fused_loss).__name__}"
             )
         self.saei_n_clean, self.saei_n_adv = _group_split(
             self.num_generations, self.saei_n_clean, self.saei_n_adv
@@ -318,6 +334,10 @@ class SaEIGRPOTrainer(GRPOTrainer):
         self._saei_last_adversarial = None  # is_adversarial of the latest SaEI generation
         self._saei_loss_rows = None  # (is_adversarial, token mask) of the loss forward
         self._saei_fused_head = self._saei_resolve_fused_head(config.saei_fused_head)
+        if config.saei_fused_loss:
+            self._saei_check_fused_loss()
+        self._saei_fused_loss = config.saei_fused_loss
+        self._saei_pending_loss = None  # the GRPOTokenLoss of the running loss forward
 
     def _saei_resolve_fused_head(self, setting: bool | None) -> bool:
         if setting is None:
@@ -330,6 +350,14 @@ class SaEIGRPOTrainer(GRPOTrainer):
             logger.warning("saei_fused_head: using TRL's head instead, since %s.", reason)
             return False
         return True
+
+    def _saei_check_fused_loss(self) -> None:
+        """saei_fused_loss=True is refused at construction where it cannot be exact."""
+        reason = unsupported_loss_reason(self) or unsupported_reason(self.model)
+        if reason is None and self.accelerator.num_processes > 1:
+            reason = "it runs in one process only (a DDP / FSDP wrapper runs TRL's head)"
+        if reason is not None:
+            raise ValueError(f"saei_fused_loss=True is not supported here: {reason}")
 
     # ---- when SaEI samples ---------------------------------------------------------------
 
@@ -586,16 +614,31 @@ class SaEIGRPOTrainer(GRPOTrainer):
         finally:
             self._saei_loss_rows = None
 
+    def _compute_loss(self, model, inputs):
+        """TRL's, with the gradient taken by the fused loss when ``saei_fused_loss`` is on and
+        a backward follows (TRL's value and metrics, the fused loss's gradient)."""
+        if not (self._saei_fused_loss and torch.is_grad_enabled()):
+            return super()._compute_loss(model, inputs)
+        pending = GRPOTokenLoss(self, inputs, training=self.model.training)
+        self._saei_pending_loss = pending
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._saei_pending_loss = None
+        return pending.combine(loss)
+
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         """TRL's, with saei-fast's fused head in place of TRL's when ``saei_fused_head`` is
-        on, and the clean / adversarial split of the loss forward's entropy logged."""
+        on (and with the fused loss in the training-loss forward), and the clean /
+        adversarial split of the loss forward's entropy logged."""
+        pending, self._saei_pending_loss = self._saei_pending_loss, None  # its first call only
         # A DDP / FSDP wrapper must run its own forward (gradient hooks): TRL's head then.
         if (
-            self._saei_fused_head
+            (self._saei_fused_head or pending is not None)
             and model is self.accelerator.unwrap_model(model)
             and unsupported_reason(model) is None
         ):
-            model = FusedHead(model, temperature=self.temperature)
+            model = FusedHead(model, temperature=self.temperature, loss=pending)
         logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
             model, *args, **kwargs
         )
