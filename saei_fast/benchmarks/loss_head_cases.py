@@ -13,6 +13,9 @@ log-probs and entropies of the completion tokens at the sampling temperature, th
   ours       ``SaEIConfig(saei_fused_head=True)``'s head
              (:class:`saei_fast.integrations._fused_head.FusedHead`:
              :func:`saei_fast.linear_logprobs_and_entropy`) in the same call
+  ours-loss  ``SaEIConfig(saei_fused_loss=True)``'s path: the same head in its fused-loss
+             mode, the loss's gradient taken by :func:`saei_fast.linear_token_loss` in the
+             forward (3 GEMMs per completion token, no recompute)
   naive      full ``[B, L, V]`` logits from ``model(**inputs)``, log-softmax and entropy
 
 A call hands the parameter gradients back with its outputs and leaves none on the model, as
@@ -26,9 +29,10 @@ is the floor of every row's true peak and what a head adds is the peak above it.
 RSS peak is a lower bound: the allocator's reuse of freed memory can hide part of it, unless
 ``MALLOC_MMAP_THRESHOLD_=65536`` makes glibc return every large block when it is freed.)
 
-This case decides the ``saei_fused_head`` default on CUDA: off until a GPU run shows
-``ours`` at least as fast as ``trl-head`` here. Needs transformers and TRL; the inputs
-(model with TRL's head installed, batch, labels) are built once per shape.
+This case decides the ``saei_fused_head`` and ``saei_fused_loss`` defaults on CUDA: off
+until a GPU run shows ``ours`` / ``ours-loss`` at least as fast as ``trl-head`` here. Needs
+transformers and TRL; the inputs (model with TRL's head installed, batch, labels) are built
+once per shape.
 """
 
 from __future__ import annotations
@@ -119,6 +123,51 @@ def _ours_head(model):
     return FusedHead(model, temperature=TEMPERATURE)
 
 
+class _TokenLoss:
+    """``_loss`` as a per-token function for the fused head's fused-loss mode (the
+    interface of ``integrations._fused_loss.GRPOTokenLoss``): the grid is every shifted
+    position of the batch, ``[B, L - 1]``."""
+
+    def __init__(self, labels: torch.Tensor):
+        mask = labels[:, 1:] != -100
+        self.rows, self.width = mask.shape
+        self.advantages = torch.ones(self.rows, device=labels.device)
+        self.advantages[1::2] = -1
+        self.tokens = mask.sum()
+        self.fused = None
+
+    def run(self, hidden, weight, labels, bias, temperature, grid):
+        from saei_fast.ops import linear_token_loss
+
+        logps = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        entropy = torch.zeros_like(logps)
+
+        def token_loss(chunk_logps, chunk_entropy, index):
+            logps[index], entropy[index] = chunk_logps.detach(), chunk_entropy.detach()
+            advantages = self.advantages[grid[index] // self.width]
+            return -(chunk_logps * advantages + ENTROPY_WEIGHT * chunk_entropy) / self.tokens
+
+        self.fused = linear_token_loss(
+            hidden, weight, labels, token_loss, bias=bias, temperature=temperature
+        )
+        return logps, entropy
+
+
+def _ours_loss():
+    from saei_fast.integrations._fused_head import FusedHead
+
+    def fn(model, inputs, labels):
+        model.zero_grad(set_to_none=True)
+        loss = _TokenLoss(labels)
+        head = FusedHead(model, temperature=TEMPERATURE, loss=loss)
+        outputs = head(**inputs, labels=labels, fused_lm_head=True)
+        loss.fused.backward()
+        mask = outputs.label_mask
+        return outputs.log_probs[mask], outputs.entropy[mask], _take_grads(model)
+
+    return fn
+
+
 def _naive():
     def fn(model, inputs, labels):
         model.zero_grad(set_to_none=True)
@@ -138,6 +187,7 @@ PROVIDERS = {
     p.name: p
     for p in (
         Provider("ours", _fused(_ours_head), kind="ours", module="trl", note="saei_fused_head"),
+        Provider("ours-loss", _ours_loss, kind="ours", module="trl", note="saei_fused_loss"),
         Provider(
             "trl-head",
             _fused(lambda model: model),
