@@ -189,8 +189,9 @@ def linear_benchmark_plans(target: Target) -> list[LaunchPlan]:
     the N rows, the forward keeps every logit of the chunk and the gradient is formed over
     them; ``grad_hidden`` and ``grad_weight`` are cuBLAS GEMMs). ``extra`` holds the path,
     its GEMM count (units of ``2 N D V`` FLOPs, cuBLAS GEMMs included), the resident
-    programs per SM (CU) and the useful fraction of the GPU over the launch; chunked paths
-    also name the case's ``tokens`` and ``chunks``.
+    programs per SM (CU), the useful fraction of the GPU over the launch and the case's
+    ``tokens`` (a chunk's launch has the chunk's rows as its N); the loss path also its
+    ``chunks``.
     """
     dtype = torch.bfloat16
     config = gemm_config(target, dtype)
@@ -201,8 +202,8 @@ def linear_benchmark_plans(target: Target) -> list[LaunchPlan]:
         for D in BENCHMARK_DIMS:
             case = _Case(target, config, dtype, n_rows, D, V)
             kept = min(n_rows, chunk)
-            train = {"path": "train", "gemms": training_gemms(n_rows, kept)}
-            frozen = {"path": "frozen-head", "gemms": 2.0}
+            train = {"path": "train", "gemms": training_gemms(n_rows, kept), "tokens": n_rows}
+            frozen = {"path": "frozen-head", "gemms": 2.0, "tokens": n_rows}
             loss_chunk = even_chunk_rows(n_rows, chunk)
             loss = {"path": "loss", "gemms": 3.0, "tokens": n_rows}
             loss["chunks"] = triton.cdiv(n_rows, loss_chunk)

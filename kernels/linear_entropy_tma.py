@@ -475,8 +475,8 @@ def tma_benchmark_plans(target: Target) -> list[LaunchPlan]:
     for n_rows in BENCHMARK_ROWS:
         for D in BENCHMARK_DIMS:
             kept = min(n_rows, chunk)
-            train = {"path": "train", "gemms": training_gemms(n_rows, kept)}
-            frozen = {"path": "frozen-head", "gemms": 2.0}
+            train = {"path": "train", "gemms": training_gemms(n_rows, kept), "tokens": n_rows}
+            frozen = {"path": "frozen-head", "gemms": 2.0, "tokens": n_rows}
             plans += [
                 _plan(target, n_rows, D, True, "forward-tma", train),
                 _plan(target, kept, D, False, "frozen-head-tma", frozen),

@@ -517,3 +517,21 @@ def test_per_token_training_path_counts_its_recompute(shipped_report):
         [x for x in counts if x[0] <= 2048 and x[-1] != 3],
         "training cases within the kept-logits budget over 3 GEMMs (N, D, GEMMs)",
     )
+
+
+def test_report_lists_lm_head_gemms_per_token_by_path():
+    """report.md states what a token costs on each linear path (the issue's "report it"),
+    from the plans' own counts: no compile needed."""
+    from saei_fast.kernels._linear_plans import linear_benchmark_plans
+    from saei_fast.kernels._plan import TARGETS
+
+    from saei_fast.kernel_report.report import gemm_counts
+
+    plans = linear_benchmark_plans(TARGETS["sm_90"])
+    lines = gemm_counts([{"extra": p.extra, "shape": p.shape} for p in plans])
+    assert "| loss | 16384 | 4096 | 3.00 | 5 |" in lines
+    assert "| train | 2048 | 3584 | 3.00 | - |" in lines
+    assert "| train | 16384 | 4096 | 3.79 | - |" in lines
+    assert "| frozen-head | 8192 | 4096 | 2.00 | - |" in lines
+    # One row per (path, N, D): chunk launches do not make cases of their own.
+    assert len(lines) == 2 + 3 * len(LINEAR_NS) * 2

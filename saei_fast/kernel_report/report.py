@@ -117,6 +117,22 @@ def summary(records: list[dict], target: Target) -> list[str]:
     return lines
 
 
+def gemm_counts(records: list[dict]) -> list[str]:
+    """One row per (path, tokens, D) of the linear paths whose plans state their GEMM count
+    (units of ``2 N D V`` FLOPs, recomputed rows included): how many matmuls of the lm_head a
+    token costs on each path, whatever the chunking."""
+    cases = {}
+    for r in records:
+        extra = r["extra"]
+        if {"path", "gemms", "tokens"} <= extra.keys():
+            key = (extra["path"], extra["tokens"], r["shape"]["D"])
+            cases[key] = (extra["gemms"], extra.get("chunks", "-"))
+    lines = ["| path | tokens N | D | GEMMs per token | chunks |", "|---|---|---|---|---|"]
+    for (path, tokens, d), (gemms, chunks) in sorted(cases.items()):
+        lines.append(f"| {path} | {tokens} | {d} | {gemms:.2f} | {chunks} |")
+    return lines if len(lines) > 2 else []
+
+
 def markdown(records: list[dict], target: Target, problems: list[str]) -> str:
     """The report as markdown, labelled as estimates: one row per compiled variant, then one
     row per record (variant x benchmark shape)."""
@@ -139,6 +155,10 @@ def markdown(records: list[dict], target: Target, problems: list[str]) -> str:
         f"CTAs/{units} | ld/st bits | mma | instr/elem | bar | grid | wave eff | est. us |",
         "|" + "---|" * 17,
     ]
+    gemms = gemm_counts(records)
+    if gemms:
+        at = lines.index("### Every benchmark shape")
+        lines[at:at] = ["### lm_head GEMMs per token, by path", "", *gemms, ""]
     for r in records:
         lines.append(
             f"| {r['op']} | {r['kernel']} | {r['role']} | {r['dtype']} | {_shape(r['shape'])} | "
