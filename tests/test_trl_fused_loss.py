@@ -22,7 +22,7 @@ pytestmark = [
 ]
 
 
-def trainer_for(model, processor, examples, tmp_path, beta=0.0, **overrides):
+def trainer_for(model, processor, examples, tmp_path, beta=0.0, vllm_is=False, **overrides):
     trainer = SaEIGRPOTrainer(
         model=model,
         reward_funcs=Rewards(),
@@ -35,11 +35,14 @@ def trainer_for(model, processor, examples, tmp_path, beta=0.0, **overrides):
     # A KL term without a reference model (TRL would load one by name): the loss reads only
     # beta and the inputs' reference log-probs.
     trainer.beta = beta
+    # vLLM's importance-sampling correction without a vLLM server: the loss reads these two
+    # flags and the inputs' per-token ratios only.
+    trainer.use_vllm = trainer.vllm_importance_sampling_correction = vllm_is
     trainer.model.train()  # the training loss: TRL's "train" metrics and accumulation scaling
     return trainer
 
 
-def loss_inputs(model, processor, examples, *, old=False, ref=False, seed=0) -> dict:
+def loss_inputs(model, processor, examples, *, old=False, ref=False, seed=0, vllm_is=False):
     """What TRL's ``_compute_loss`` receives for 4 completions of 2 images."""
     batch = vlm_batch(
         model,
@@ -71,6 +74,8 @@ def loss_inputs(model, processor, examples, *, old=False, ref=False, seed=0) -> 
         inputs["old_per_token_logps"] = -3.7 + 0.3 * torch.randn(rows, width, generator=gen)
     if ref:
         inputs["ref_per_token_logps"] = -3.7 + 0.5 * torch.randn(rows, width, generator=gen)
+    if vllm_is:
+        inputs["importance_sampling_ratio"] = 0.5 + torch.rand(rows, width, generator=gen)
     return inputs
 
 
@@ -103,8 +108,16 @@ def count_fused_calls(monkeypatch) -> list:
         ({"loss_type": "dr_grpo", "epsilon_high": 0.28, "delta": 1.5}, True, False),
         ({"loss_type": "dapo", "entropy_coef": 0.01, "temperature": 0.7}, True, False),
         ({"beta": 0.04, "use_bias_correction_kl": True, "entropy_coef": 0.02}, True, True),
+        ({"vllm_is": True, "beta": 0.04}, True, True),
     ],
-    ids=["grpo", "bnpo-kl", "dr_grpo-two-sided", "dapo-entropy-bonus", "grpo-kl-corrected"],
+    ids=[
+        "grpo",
+        "bnpo-kl",
+        "dr_grpo-two-sided",
+        "dapo-entropy-bonus",
+        "grpo-kl-corrected",
+        "grpo-vllm-importance-sampling",
+    ],
 )
 def test_fused_loss_equals_trls_loss(
     processor, examples, tmp_path, monkeypatch, settings, old, ref
@@ -117,7 +130,9 @@ def test_fused_loss_equals_trls_loss(
     theirs = trainer_for(
         copy.deepcopy(base), processor, examples, tmp_path, saei_fused_head=False, **settings
     )
-    inputs = loss_inputs(base, processor, examples, old=old, ref=ref)
+    inputs = loss_inputs(
+        base, processor, examples, old=old, ref=ref, vllm_is=settings.get("vllm_is", False)
+    )
     loss, grads, metrics = loss_and_grads(ours, inputs)
     assert len(calls) == 1  # the fused loss took the gradient ...
     want_loss, want_grads, want_metrics = loss_and_grads(theirs, inputs)
