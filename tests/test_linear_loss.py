@@ -183,6 +183,15 @@ def test_frozen_head_and_no_grad(impl, monkeypatch):
 
     assert count_gemms(monkeypatch, frozen, n, d, v) == pytest.approx(2.0)
     assert weight.grad is None and leaf.grad is not None
+    # Not even a [V, D] buffer (RSS cannot see untouched zero pages; the allocation is
+    # checked where it happens).
+    shapes, zeros_like = [], torch.zeros_like
+    monkeypatch.setattr(
+        torch, "zeros_like", lambda t, **kw: shapes.append(t.shape) or zeros_like(t, **kw)
+    )
+    frozen()
+    monkeypatch.undo()
+    assert shapes and weight.shape not in shapes
     with_grad = saei_fast.linear_token_loss(leaf, weight, labels, loss_fn, impl=impl)
 
     def evaluate():
@@ -322,7 +331,7 @@ gen = torch.Generator().manual_seed(0)
 
 def peak(n, provider):
     hidden = torch.randn(n, d, generator=gen)
-    weight = (torch.randn(v, d, generator=gen) / 8).requires_grad_(True)
+    weight = (torch.randn(v, d, generator=gen) / 8).requires_grad_(provider != "frozen")
     labels = torch.randint(0, v, (n,), generator=gen)
 
     def run():
@@ -352,19 +361,22 @@ print(json.dumps({",".join(c): peak(int(c[0]), c[1]) for c in cases}))
 )
 def test_cpu_extra_memory_is_one_chunk_plus_the_gradients():
     """Training head (trainable lm_head, labels) on the CPU: the extra memory is the weight
-    gradient plus a few [32, V] chunk buffers, and does not grow with N."""
+    gradient plus a few [32, V] chunk buffers, and does not grow with N; a frozen head needs
+    the chunks only."""
     from saei_fast.memory import run_isolated
 
     peaks = run_isolated(
-        _MEMORY_SCRIPT, "512,naive", "128,ours", "512,ours",
+        _MEMORY_SCRIPT, "512,naive", "128,ours", "512,ours", "512,frozen",
         env={"MALLOC_MMAP_THRESHOLD_": "65536"},
     )  # fmt: skip
-    naive, small, large = peaks.values()
+    naive, small, large, frozen = peaks.values()
     weight_grad, chunk_buffer = 32000 * 64 * 4, 32 * 32000 * 4
     assert naive > 2 * 512 * 32000 * 4, peaks
     assert weight_grad < large < weight_grad + 5 * chunk_buffer + 2**20, peaks
     # 4x the rows: only the [N, D] gradient grows (96 KiB here), never a chunk.
     assert large < small + 2**20, peaks
+    # A frozen lm_head: no [V, D] gradient buffer, only the chunks.
+    assert chunk_buffer < frozen < large - 0.75 * weight_grad, peaks
 
 
 def test_every_cpu_bench_provider_computes_the_same_gradient():

@@ -74,8 +74,11 @@ def _chunk_stats_and_logits(impl, part, weight, bias, labels, inv_t, keep: bool,
         )
         return h, lp, stats, logits
     logits = chunk_logits(part, weight, bias)
-    # The statistics may overwrite the chunk they read; the gradient needs it afterwards.
-    source = logits.clone() if keep and impl == "torch" else logits
+    # The PyTorch statistics overwrite their fp32 copy of the chunk, which is the chunk
+    # itself when the GEMM already gave fp32: keep a copy for the gradient then (a 16-bit
+    # chunk is copied to fp32 by the statistics anyway).
+    acc = _torch_entropy.accumulation_dtype(logits.dtype)
+    source = logits.clone() if keep and impl == "torch" and logits.dtype == acc else logits
     h, lp, stats = _linear_torch.chunk_forward(impl, source, labels, inv_t)
     return h, lp, stats, logits if keep else None
 
@@ -115,8 +118,9 @@ def token_loss_and_grads(
     hidden_grad, weight_grad, bias_grad = grads
     want_grad = any(grads)
     grad_hidden = torch.zeros_like(hidden) if hidden_grad else None
-    grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    grad_weight = grad_weight if weight_grad else None
+    grad_weight = None
+    if weight_grad:  # a frozen lm_head gets no [V, D] buffer at all
+        grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
     grad_bias = torch.zeros(V, dtype=acc, device=hidden.device) if bias_grad else None
     n_rows = N if rows is None else rows.numel()
     if n_rows == 0:
