@@ -123,34 +123,24 @@ def _ours_head(model):
     return FusedHead(model, temperature=TEMPERATURE)
 
 
-class _TokenLoss:
-    """``_loss`` as a per-token function for the fused head's fused-loss mode (the
-    interface of ``integrations._fused_loss.GRPOTokenLoss``): the grid is every shifted
-    position of the batch, ``[B, L - 1]``."""
+def _token_loss(labels: torch.Tensor):
+    """``_loss`` as a per-token function for the fused head's fused-loss mode; the grid is
+    every shifted position of the batch, ``[B, L - 1]``."""
+    from saei_fast.integrations._fused_loss import FusedTokenLoss
 
-    def __init__(self, labels: torch.Tensor):
-        mask = labels[:, 1:] != -100
-        self.rows, self.width = mask.shape
-        self.advantages = torch.ones(self.rows, device=labels.device)
-        self.advantages[1::2] = -1
-        self.tokens = mask.sum()
-        self.fused = None
+    class TokenLoss(FusedTokenLoss):
+        def __init__(self):
+            mask = labels[:, 1:] != -100
+            self.rows, self.width = mask.shape
+            self.advantages = torch.ones(self.rows, device=labels.device)
+            self.advantages[1::2] = -1
+            self.tokens = mask.sum()
 
-    def run(self, hidden, weight, labels, bias, temperature, grid):
-        from saei_fast.ops import linear_token_loss
+        def token_loss(self, logprobs, entropy, index):
+            advantages = self.advantages[index // self.width]
+            return -(logprobs * advantages + ENTROPY_WEIGHT * entropy) / self.tokens
 
-        logps = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
-        entropy = torch.zeros_like(logps)
-
-        def token_loss(chunk_logps, chunk_entropy, index):
-            logps[index], entropy[index] = chunk_logps.detach(), chunk_entropy.detach()
-            advantages = self.advantages[grid[index] // self.width]
-            return -(chunk_logps * advantages + ENTROPY_WEIGHT * chunk_entropy) / self.tokens
-
-        self.fused = linear_token_loss(
-            hidden, weight, labels, token_loss, bias=bias, temperature=temperature
-        )
-        return logps, entropy
+    return TokenLoss()
 
 
 def _ours_loss():
@@ -158,7 +148,7 @@ def _ours_loss():
 
     def fn(model, inputs, labels):
         model.zero_grad(set_to_none=True)
-        loss = _TokenLoss(labels)
+        loss = _token_loss(labels)
         head = FusedHead(model, temperature=TEMPERATURE, loss=loss)
         outputs = head(**inputs, labels=labels, fused_lm_head=True)
         loss.fused.backward()

@@ -16,6 +16,8 @@ gradient.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from saei_fast.ops import linear_token_loss
@@ -41,12 +43,43 @@ def unsupported_reason(trainer) -> str | None:
     return None
 
 
-class GRPOTokenLoss:
+class FusedTokenLoss(abc.ABC):
+    """A per-token loss over a ``[rows, width]`` grid of scored positions, in the form the
+    fused head's fused-loss mode takes: subclasses give :meth:`token_loss`; :meth:`run` is
+    called by :class:`~saei_fast.integrations._fused_head.FusedHead` with the scored tokens'
+    hidden states and returns their log-probs and entropies (values) while keeping the fused
+    loss (``self.fused``, differentiable) for the caller's backward."""
+
+    rows: int
+    width: int
+    fused: torch.Tensor | None = None
+
+    @abc.abstractmethod
+    def token_loss(self, logprobs, entropy, index):
+        """The per-token terms at grid positions ``index``."""
+
+    def run(self, hidden, weight, labels, bias, temperature, grid):
+        """``(logprobs, entropy)`` values of the scored tokens (``hidden [n, D]`` at grid
+        positions ``grid [n]``); the fused loss is kept in ``self.fused``."""
+        logprobs = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+        entropy = torch.zeros_like(logprobs)
+
+        def recorded(chunk_logprobs, chunk_entropy, index):
+            logprobs[index] = chunk_logprobs.detach().float()
+            entropy[index] = chunk_entropy.detach().float()
+            return self.token_loss(chunk_logprobs, chunk_entropy, grid[index])
+
+        self.fused = linear_token_loss(
+            hidden, weight, labels, recorded, bias=bias, temperature=temperature
+        )
+        return logprobs, entropy
+
+
+class GRPOTokenLoss(FusedTokenLoss):
     """TRL's token-level GRPO-family loss for one ``_compute_loss`` call, per token.
 
-    Built from the call's ``inputs`` before TRL's code runs; :meth:`run` is called by the
-    fused head with the completion positions' hidden states and returns their log-probs and
-    entropies (values, for TRL's loss and metrics) and the fused loss (for the gradient);
+    Built from the call's ``inputs`` before TRL's code runs; the grid is the completions'
+    ``[B, T]``. :meth:`run` gives TRL the log-probs and entropies for its loss and metrics;
     :meth:`combine` checks TRL's value against the fused one and returns a loss with TRL's
     value and the fused gradient.
     """
@@ -76,7 +109,6 @@ class GRPOTokenLoss:
         if trainer._entropy_bonus_enabled:
             tokens = mask.sum().clamp(min=1.0)
             self.entropy_weight = trainer.entropy_coef / (tokens * accumulation)
-        self.fused: torch.Tensor | None = None
 
     def _flat(self, values: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` or ``[B, 1]`` per-token constants, flat over the completion grid."""
@@ -119,22 +151,6 @@ class GRPOTokenLoss:
         if self.entropy_weight is not None:
             loss = loss - self.entropy_weight * entropy * self.mask[index].to(entropy.dtype)
         return loss
-
-    def run(self, hidden, weight, labels, bias, temperature, grid):
-        """``(logprobs, entropy)`` values of the scored tokens (``hidden [n, D]`` at
-        completion-grid positions ``grid [n]``), the fused loss kept for :meth:`combine`."""
-        logprobs = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
-        entropy = torch.zeros_like(logprobs)
-
-        def recorded(chunk_logprobs, chunk_entropy, index):
-            logprobs[index] = chunk_logprobs.detach().float()
-            entropy[index] = chunk_entropy.detach().float()
-            return self.token_loss(chunk_logprobs, chunk_entropy, grid[index])
-
-        self.fused = linear_token_loss(
-            hidden, weight, labels, recorded, bias=bias, temperature=temperature
-        )
-        return logprobs, entropy
 
     def combine(self, trl_loss: torch.Tensor) -> torch.Tensor:
         """TRL's loss value with the fused loss's gradient; raises when they disagree."""
