@@ -185,10 +185,12 @@ def test_frozen_head_and_no_grad(impl, monkeypatch):
     assert weight.grad is None and leaf.grad is not None
     # Not even a [V, D] buffer (RSS cannot see untouched zero pages; the allocation is
     # checked where it happens).
-    shapes, zeros_like = [], torch.zeros_like
-    monkeypatch.setattr(
-        torch, "zeros_like", lambda t, **kw: shapes.append(t.shape) or zeros_like(t, **kw)
-    )
+    shapes = []
+    for name in ("zeros_like", "empty_like"):
+        make = getattr(torch, name)
+        monkeypatch.setattr(
+            torch, name, lambda t, make=make, **kw: shapes.append(t.shape) or make(t, **kw)
+        )
     frozen()
     monkeypatch.undo()
     assert shapes and weight.shape not in shapes

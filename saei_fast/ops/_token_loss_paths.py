@@ -117,7 +117,9 @@ def token_loss_and_grads(
     loss = torch.zeros((), dtype=torch.float64, device=hidden.device)
     hidden_grad, weight_grad, bias_grad = grads
     want_grad = any(grads)
-    grad_hidden = torch.zeros_like(hidden) if hidden_grad else None
+    # Every row is written when every row is computed; skipped rows must read 0.
+    make = torch.empty_like if rows is None else torch.zeros_like
+    grad_hidden = make(hidden) if hidden_grad else None
     grad_weight = None
     if weight_grad:  # a frozen lm_head gets no [V, D] buffer at all
         grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
