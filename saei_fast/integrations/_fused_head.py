@@ -66,7 +66,7 @@ class FusedHead:
 
     def __init__(self, model: torch.nn.Module, *, temperature: float, loss=None) -> None:
         self.model = model
-        # A GRPOTokenLoss (_fused_loss) when the call is TRL's training-loss forward with
+        # A FusedTokenLoss (_fused_loss) when the call is a training-loss forward with
         # saei_fused_loss: the head then also takes the loss's gradient.
         self.loss = loss
         self.hf_model = unwrap_peft(model)
@@ -88,19 +88,16 @@ class FusedHead:
         # Only the scored positions reach the head; autocast off so that the head runs in
         # its weight's dtype (float32 with cast_lm_head_to_fp32), as in TRL's head.
         with torch.autocast(hidden.device.type, enabled=False):
+            scored, scored_labels = hidden[mask].to(weight.dtype), labels[mask]
             if self.loss is None:
                 logps, entropy = linear_logprobs_and_entropy(
-                    hidden[mask].to(weight.dtype),
-                    weight,
-                    labels[mask],
-                    bias=bias,
-                    temperature=self.temperature,
+                    scored, weight, scored_labels, bias=bias, temperature=self.temperature
                 )
             else:
                 logps, entropy = self.loss.run(
-                    hidden[mask].to(weight.dtype),
+                    scored,
                     weight,
-                    labels[mask],
+                    scored_labels,
                     bias,
                     self.temperature,
                     self._completion_positions(mask),
@@ -114,8 +111,8 @@ class FusedHead:
         )
 
     def _completion_positions(self, mask: torch.Tensor) -> torch.Tensor:
-        """Flat positions in the loss's ``[B, T]`` completion grid of the scored tokens
-        (``mask [B, L - 1]``: the last ``T`` columns are the completion's)."""
+        """Flat positions in the loss's ``[rows, width]`` grid of the scored tokens
+        (``mask [B, L - 1]``: the grid is its last ``width`` columns, the completions')."""
         rows, width = self.loss.rows, self.loss.width
         if mask.shape[0] != rows or mask.shape[1] < width:
             raise RuntimeError(
