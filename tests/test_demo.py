@@ -275,7 +275,10 @@ def test_demo_three_arms_two_seeds_end_to_end(tmp_path, capfd):
             expected = paired_difference(
                 summary["arms"][first][metric], summary["arms"][second][metric]
             )
-            assert result == pytest.approx(expected)
+            # Key by key: pytest.approx takes no nested dictionaries (ci95 is a pair).
+            assert set(result) == set(expected)
+            for key, value in expected.items():
+                assert result[key] == pytest.approx(value), key
             assert result["ci95"][0] <= result["mean"] <= result["ci95"][1]
     assert set(summary["attack"]) == ATTACK_KEYS == set(summary["control_perturbation"])
     assert summary["attack"]["steps_measured"] == 4  # 2 steps x 2 seeds
