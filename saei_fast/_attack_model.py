@@ -33,7 +33,15 @@ def model_parts(model: object) -> tuple[torch.nn.Module, torch.Tensor, torch.Ten
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap_peft(model)
     name = type(model).__name__
-    if "pixel_values" not in inspect.signature(model.forward).parameters:
+    base = getattr(model, "base_model", None)
+    # The attack calls the base model, so its forward is the one that must take pixels; the
+    # head's forward may hide them in **kwargs (verl's apply_monkey_patch replaces it so).
+    takes_pixels = [
+        "pixel_values" in inspect.signature(module.forward).parameters
+        for module in (model, base)
+        if isinstance(module, torch.nn.Module)
+    ]
+    if not any(takes_pixels):
         raise ValueError(
             f"model {name} takes no pixel_values in its forward: entropy_attack needs a "
             "vision-language model (e.g. Qwen2_5_VLForConditionalGeneration)"
@@ -45,7 +53,6 @@ def model_parts(model: object) -> tuple[torch.nn.Module, torch.Tensor, torch.Ten
             f"model {name} must have a float nn.Linear output head (get_output_embeddings()), "
             f"got {type(head).__name__}"
         )
-    base = getattr(model, "base_model", None)
     if not isinstance(base, torch.nn.Module) or base is model:
         raise ValueError(
             f"model {name} must wrap a base model (model.base_model) that returns the final "
@@ -61,6 +68,37 @@ def model_parts(model: object) -> tuple[torch.nn.Module, torch.Tensor, torch.Ten
             f"{softcap}, logit_scale={scale}); entropy_attack supports plain linear heads"
         )
     return base, head.weight, head.bias
+
+
+_POSITION_FIELDS = (
+    "image_grid_thw",
+    "video_grid_thw",
+    "attention_mask",
+    "mm_token_type_ids",
+    "second_per_grid_ts",
+)
+
+
+def with_position_ids(base: torch.nn.Module, inputs: dict) -> dict:
+    """``inputs`` with the positions the model's own forward would compute for them.
+
+    Multimodal-RoPE models (Qwen2/2.5/3-VL) compute their 3D position ids in the base
+    model's forward from ``mm_token_type_ids`` and ``image_grid_thw``. Replacements of that
+    forward (verl's ``apply_monkey_patch``) skip this and expect the caller's
+    ``position_ids``; without them every token would get a 1D text position and the gradient
+    would silently be another model's. Computing them here, with the model's own
+    ``compute_3d_position_ids``, gives the patched and the unpatched forward the same input.
+    Positions already in ``inputs`` are kept.
+    """
+    compute = getattr(base, "compute_3d_position_ids", None)
+    if inputs.get("position_ids") is not None or not callable(compute):
+        return inputs
+    accepted = inspect.signature(compute).parameters
+    kwargs = {key: inputs.get(key) for key in _POSITION_FIELDS if key in accepted}
+    position_ids = compute(
+        input_ids=inputs["input_ids"], inputs_embeds=None, past_key_values=None, **kwargs
+    )
+    return inputs if position_ids is None else {**inputs, "position_ids": position_ids}
 
 
 def check_inputs(inputs: object, device: torch.device) -> dict:

@@ -47,6 +47,7 @@ from saei_fast._attack_model import (
     check_completion_mask,
     check_inputs,
     model_parts,
+    with_position_ids,
 )
 from saei_fast._row_layout import RowLayout
 from saei_fast.memory import track_peak_memory
@@ -322,7 +323,7 @@ class _AttackRun:
 
     def _entropies(self, chunk: dict, predict: torch.Tensor) -> torch.Tensor:
         """Entropies ``[b, L - 1]`` (0 where nothing is predicted) of one chunk."""
-        outputs = self.base(**{**chunk, "use_cache": False})
+        outputs = self.base(**with_position_ids(self.base, {**chunk, "use_cache": False}))
         hidden = getattr(outputs, "last_hidden_state", None)
         if hidden is None:
             hidden = outputs[0]

@@ -29,11 +29,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from types import SimpleNamespace
 from typing import Any
 from uuid import uuid4
 
 import torch
-from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput
+from verl.experimental.agent_loop.agent_loop import (
+    AgentLoopBase,
+    AgentLoopOutput,
+    AgentLoopWorker,
+)
 from verl.utils.profiler import simple_timer
 
 from saei_fast import pixels
@@ -57,6 +62,7 @@ class _Group:
         self.images: list | None = None
         self.clean_done: asyncio.Future = asyncio.get_running_loop().create_future()
         self.adversarial: asyncio.Task | None = None
+        self.attack_result: dict | None = None
 
     def add_clean(self, role: int, prompt_ids: list[int], images: list, response: list[int]):
         self.prompt_ids, self.images = prompt_ids, images
@@ -125,7 +131,9 @@ class SaEIAgentLoop(AgentLoopBase):
         metrics: dict = {}
         if adversarial:
             if group.adversarial is None:
-                group.adversarial = asyncio.ensure_future(self._attack(group, kwargs["uid"]))
+                group.adversarial = asyncio.ensure_future(
+                    self._attack(group, kwargs["uid"], mm_processor_kwargs)
+                )
             generation_images = await asyncio.shield(group.adversarial)
         else:
             generation_images = images
@@ -178,9 +186,9 @@ class SaEIAgentLoop(AgentLoopBase):
 
     # ---- the adversarial image of a group ---------------------------------------------------
 
-    async def _attack(self, group: _Group, uid: str) -> list:
+    async def _attack(self, group: _Group, uid: str, mm_processor_kwargs: dict) -> list:
         await group.clean_done
-        image_inputs = dict(self.processor.image_processor(group.images, return_tensors="pt"))
+        image_inputs = self._image_inputs(group, mm_processor_kwargs)
         space = pixels.from_processor(self.processor)
         fields = {key: image_inputs[key] for key in space.image_fields if key in image_inputs}
         clean = image_inputs["pixel_values"].float()
@@ -191,6 +199,7 @@ class SaEIAgentLoop(AgentLoopBase):
             results = await get_attack_client(self.config).attack(
                 [batch], space=space, config=self.attack_config()
             )
+            group.attack_result = results[0]
             adversarial = results[0]["pixel_values"].to(clean.dtype)
         return space.to_pil(adversarial, **fields)
 
@@ -207,23 +216,46 @@ class SaEIAgentLoop(AgentLoopBase):
             micro_batch_size=s.micro_batch_size,
         )
 
+    def _image_inputs(self, group: _Group, mm_processor_kwargs: dict) -> dict:
+        """The group's image as the actor sees it in training: verl's own
+        ``_compute_multi_modal_inputs`` (the processor on the row's text and images, with the
+        row's ``mm_processor_kwargs``), run on the prompt."""
+        output = SimpleNamespace(
+            multi_modal_data={"images": group.images}, mm_processor_kwargs=mm_processor_kwargs
+        )
+        prompt = torch.tensor([group.prompt_ids], dtype=torch.long)
+        return AgentLoopWorker._compute_multi_modal_inputs(self, output, prompt)
+
     def _group_batch(self, group: _Group, image_inputs: dict) -> dict:
-        """The model batch of the group's clean rows (one copy of the image per row)."""
+        """The model batch of the group's clean rows (one copy of the image per row), with
+        the position ids verl computes for each row (``_compute_position_ids``: text
+        positions, then multimodal RoPE's three axes, ``[4, B, L]``; ``[B, L]`` for models
+        without multimodal RoPE)."""
         roles = sorted(group.clean)
-        row_fields = [dict(image_inputs) for _ in roles]
+        image_fields = {
+            key: value
+            for key, value in image_inputs.items()
+            if key not in ("mm_token_type_ids", "images_seqlens")
+        }
         pad = self.tokenizer.pad_token_id
         batch, completion_mask = model_batch(
             [group.prompt_ids] * len(roles),
             [group.clean[role] for role in roles],
-            row_fields,
+            [dict(image_fields) for _ in roles],
             pad_token_id=pad if pad is not None else 0,
             device=torch.device("cpu"),
         )
-        if "image_grid_thw" in batch:  # Qwen-VL: multimodal RoPE needs the image token types
-            image_token = getattr(self.processor, "image_token_id", None)
-            if image_token is None:
-                image_token = self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
-            batch["mm_token_type_ids"] = (batch["input_ids"] == image_token).long()
+        positions = [
+            AgentLoopWorker._compute_position_ids(
+                self, input_ids[None], attention_mask[None], dict(image_inputs)
+            )[0]
+            for input_ids, attention_mask in zip(
+                batch["input_ids"], batch["attention_mask"], strict=True
+            )
+        ]
+        # Rows [4, L] (or [L]) stacked as verl's engine stacks them: [4, B, L] (or [B, L]).
+        stacked = torch.stack(positions)
+        batch["position_ids"] = stacked.transpose(0, 1) if stacked.dim() == 3 else stacked
         batch["completion_mask"] = completion_mask
         batch["image_rows"] = int(image_inputs["pixel_values"].shape[0])
         return batch

@@ -19,7 +19,20 @@ The actor's parameters are frozen for the call and no parameter gradient is made
 and the module's train/eval mode is restored afterwards. Every rank runs the same number of
 groups (the caller pads), so FSDP's collectives line up.
 
-verl installs the worker through its trainer's resource-pool hook: the ``saei_sync`` trainer
+The attack calls the model the engine holds (patched by verl's ``apply_monkey_patch``) with
+the inputs the engine's own forward passes: the rows' position ids as verl computed them
+(the group batch carries them) and, with ``use_remove_padding``, the rows packed into one
+(:mod:`saei_fast.integrations.verl.engine_model`); Ulysses sequence parallelism is refused.
+Layers the engine gradient-checkpoints (``enable_gradient_checkpointing``) checkpoint in the
+attack too, so its activation memory is bounded as the training step's is.
+
+Groups marked ``saei_pad`` only fill a rank's share of a call (the dispatch splits rows
+evenly): with FSDP2, or no sharding, every unit is gathered before the passes, so a rank may
+run fewer passes than the others and skips them; with FSDP1 the decoder layers gather in
+their hooks, every rank must run the same passes, and a padding group is computed and
+dropped.
+
+verl installs the worker through its trainer's resource-pool hook: the SaEI trainer
 (:mod:`saei_fast.integrations.verl.trainer`) maps the actor role to this class in
 ``_init_resource_pool_mgr``, as verl's own ``PPOTrainerSeparateAsync`` does for its worker.
 """
@@ -27,6 +40,7 @@ verl installs the worker through its trainer's resource-pool hook: the ``saei_sy
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -36,6 +50,7 @@ from verl.single_controller.base.decorator import make_nd_compute_dataproto_disp
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from saei_fast.attack import AttackConfig, entropy_attack, pixel_gradient
+from saei_fast.integrations.verl.engine_model import EngineModel, check_engine
 from saei_fast.pixels.base import PixelSpace
 
 MODES = ("attack", "gradient")
@@ -48,22 +63,28 @@ def run_groups(
     space: PixelSpace,
     config: AttackConfig,
     mode: str,
-) -> list[dict]:
+    run_padding: bool = False,
+) -> list[dict | None]:
     """Attack (or take the pixel gradient of) each group on ``model`` (the unwrapped HF VLM).
 
     Every group is one call of the attack with ``group_size`` = its rows, so all rows of a
     group get one image; the result holds the first row's ``image_rows`` rows of
-    ``pixel_values`` (one copy of the group's image).
+    ``pixel_values`` (one copy of the group's image), the attack's seconds and peak memory.
+    A group marked ``saei_pad`` gives ``None`` (computed only when ``run_padding``).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     device = next(model.parameters()).device
     results = []
     for group in groups:
+        if group.get("saei_pad") and not run_padding:
+            results.append(None)
+            continue
+        started = time.perf_counter()
         inputs = {
             key: value.to(device)
             for key, value in group.items()
-            if key not in ("completion_mask", "image_rows")
+            if key not in ("completion_mask", "image_rows", "saei_pad")
         }
         completion_mask = group["completion_mask"].to(device)
         rows, image_rows = completion_mask.shape[0], int(group["image_rows"])
@@ -80,6 +101,10 @@ def run_groups(
                     "entropy_before": result.entropy_before,
                     "entropy_after": result.entropy_after,
                     "num_selected": result.num_selected,
+                    "group_entropy_before": float(result.group_entropy_before[0]),
+                    "group_entropy_after": float(result.group_entropy_after[0]),
+                    "peak_memory_bytes": result.peak_memory_bytes,
+                    "seconds": time.perf_counter() - started,
                 }
             )
         else:
@@ -164,17 +189,55 @@ def unwrapped_actor(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
             unit.reshard()
 
 
-def saei_attack_on(model: torch.nn.Module, data: DataProto) -> DataProto:
-    """The worker method's body on an unwrapped model (shared by the FSDP worker and tests)."""
+@contextlib.contextmanager
+def checkpointing_as_in_training(model: torch.nn.Module) -> Iterator[None]:
+    """Layers set up to gradient-checkpoint (Hugging Face's ``gradient_checkpointing_enable``,
+    which verl's engine calls for ``enable_gradient_checkpointing``) checkpoint inside, as in
+    the training step.
+
+    Hugging Face checkpoints a layer only while the layer itself is in training mode, and
+    verl's ``eval_mode`` puts the whole module in eval mode; without this the attack's
+    backward would keep every layer's activations. Only the checkpointing layers' own flag
+    is set: their submodules (attention, dropout) stay in eval mode, so the function is the
+    same; the flags are restored on exit.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [
+        module
+        for module in model.modules()
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing
+    ]
+    saved = [layer.training for layer in layers]
+    try:
+        for layer in layers:
+            layer.training = True
+        yield
+    finally:
+        for layer, training in zip(layers, saved, strict=True):
+            layer.training = training
+
+
+def saei_attack_on(
+    model: torch.nn.Module,
+    data: DataProto,
+    *,
+    remove_padding: bool = False,
+    run_padding: bool = False,
+) -> DataProto:
+    """The worker method's body on the engine's unwrapped model (shared by the FSDP worker
+    and the tests): eval mode with the engine's checkpointing, inputs in the engine's layout
+    (``remove_padding``: verl's ``use_remove_padding``)."""
     meta = data.meta_info
     groups = list(data.non_tensor_batch["saei_group"])
-    with restored_mode(model):
+    with restored_mode(model), checkpointing_as_in_training(model):
         results = run_groups(
-            model,
+            EngineModel(model, remove_padding=remove_padding),
             groups,
             space=meta["saei_space"],
             config=meta["saei_config"],
             mode=meta.get("saei_mode", "attack"),
+            run_padding=run_padding,
         )
     column = np.empty(len(results), dtype=object)
     column[:] = results
@@ -187,6 +250,18 @@ class SaEIActorRolloutRefWorker(ActorRolloutRefWorker):
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def saei_attack(self, data: DataProto) -> DataProto:
         engine = self.actor.engine
+        remove_padding = check_engine(engine)  # refuses Ulysses SP before any work
         # eval_mode loads offloaded parameters onto the device (and offloads them again).
         with engine.eval_mode(), unwrapped_actor(engine.module) as model:
-            return saei_attack_on(model, data)
+            return saei_attack_on(
+                model,
+                data,
+                remove_padding=remove_padding,
+                run_padding=_is_fsdp1(engine.module),
+            )
+
+
+def _is_fsdp1(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(module, FullyShardedDataParallel)
