@@ -10,6 +10,7 @@
       scope: group
       micro_batch_size: null
       perturbation: entropy # or "random": NoisyRollout-style control, same plumbing
+      attack_timeout_s: 1800  # a call to the actor that takes longer fails its groups
 
 ``n_clean + n_adv`` must equal ``actor_rollout_ref.rollout.n``: one GRPO group (one uid)
 holds the clean and the adversarial responses of a prompt. This module does not import verl,
@@ -37,6 +38,7 @@ _KEYS = (
     "scope",
     "micro_batch_size",
     "perturbation",
+    "attack_timeout_s",
 )
 
 
@@ -57,6 +59,7 @@ class SaEISettings:
     scope: str = "group"
     micro_batch_size: int | None = None
     perturbation: str = "entropy"
+    attack_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         def keep(name, value):
@@ -76,6 +79,9 @@ class SaEISettings:
         if self.micro_batch_size is not None:
             check_positive_int("saei.micro_batch_size", self.micro_batch_size)
         check_choice("saei.perturbation", self.perturbation, PERTURBATIONS)
+        keep(
+            "attack_timeout_s", check_positive_float("saei.attack_timeout_s", self.attack_timeout_s)
+        )
 
     @property
     def group_size(self) -> int:
@@ -143,16 +149,32 @@ def settings_from_trainer_config(config: object) -> SaEISettings:
             f"actor_rollout_ref.rollout.val_kwargs.n ({val_n}) must be <= saei.n_clean "
             f"({settings.n_clean}): validation samples clean images only"
         )
-    correction = _get(config, "algorithm", "rollout_correction")
-    if any(_get(correction, key) not in (None, False) for key in ("rollout_is", "rollout_rs")):
-        # The adversarial rows' rollout log-probs are of the perturbed image: an importance
-        # ratio against the clean-image policy would measure the perturbation, not engine
-        # mismatch, and reweight or drop exactly those rows.
-        raise ValueError(
-            "algorithm.rollout_correction (rollout_is / rollout_rs) is not supported with SaEI: "
-            "the adversarial rows are sampled from a perturbed image on purpose; set both to null"
-        )
+    _refuse_rollout_log_probs(config)
     return settings
+
+
+# Settings under which verl scores rows with the log-probs the rollout engine reported. For
+# SaEI's adversarial rows those are log-probs under the perturbed image, while the update
+# must see the clean image: an importance ratio against them measures the perturbation, not
+# engine mismatch, and reweights or drops exactly those rows; bypass mode makes them the
+# old policy's log-probs outright (verl's trainer: old_log_probs = rollout_log_probs).
+_ROLLOUT_LOG_PROB_SETTINGS = (
+    (("algorithm", "rollout_correction", "rollout_is"), "null"),
+    (("algorithm", "rollout_correction", "rollout_rs"), "null"),
+    (("algorithm", "rollout_correction", "bypass_mode"), "false"),
+    (("actor_rollout_ref", "actor", "use_rollout_log_probs"), "false"),
+)
+
+
+def _refuse_rollout_log_probs(config: object) -> None:
+    for keys, allowed in _ROLLOUT_LOG_PROB_SETTINGS:
+        value = _get(config, *keys)
+        if value not in (None, False):
+            raise ValueError(
+                f"{'.'.join(keys)}={value!r} is not supported with SaEI: it scores rows with "
+                "the rollout engine's log-probs, which for the adversarial rows are of the "
+                f"perturbed image (SaEI updates on the clean image); set it to {allowed}"
+            )
 
 
 def _get(config: object, *keys: str) -> object:
