@@ -128,3 +128,48 @@ def _group(pieces: list, counts: list[int]) -> list:
         out.append(torch.cat(chunk) if chunk else pieces[0][:0])
         start += count
     return out
+
+
+def adversarial_images(
+    rows: Sequence[RowImage], pixel_values: torch.Tensor, pil: Sequence, group_size: int
+) -> list[RowImage]:
+    """One :class:`RowImage` per group of ``group_size`` rows from the attack's output:
+    ``pixel_values`` (the batched field, laid out as the rows' own) and ``pil`` (one
+    image per image of the batch, in row order).
+
+    A row may carry several images, so both are cut at image offsets, not row indices;
+    each group's first row gives the group's images (every row of a group carries them).
+
+    Raises:
+        ValueError: ``pil`` does not hold one image per image of the rows, or a row's
+            adversarial field holds another number of images than its clean one (an
+            image would be paired with the wrong prompt).
+    """
+    counts = [len(row.pil) for row in rows]
+    if len(pil) != sum(counts):
+        raise ValueError(
+            f"the attack returned {len(pil)} adversarial images for {len(rows)} rows holding "
+            f"{sum(counts)} images ({counts} per row); each prompt needs its own"
+        )
+    fields = split_rows(
+        {**merge_rows([row.fields for row in rows]), "pixel_values": pixel_values},
+        [row.pil for row in rows],
+        len(rows),
+    )
+    starts = np.cumsum([0, *counts]).tolist()
+    out = []
+    for first in range(0, len(rows), group_size):
+        clean = rows[first].fields.get("pixel_values")
+        adversarial = fields[first]["pixel_values"]
+        if clean is not None and adversarial.shape != clean.shape:
+            raise ValueError(
+                f"row {first}: the adversarial pixel_values {tuple(adversarial.shape)} do not "
+                f"have the clean ones' shape {tuple(clean.shape)}"
+            )
+        out.append(
+            RowImage(
+                pil=list(pil[first : first + counts[first]]),
+                fields={**rows[first].fields, "pixel_values": adversarial.detach()},
+            )
+        )
+    return out

@@ -42,6 +42,7 @@ tokens, which vLLM expands again (see :mod:`saei_fast.integrations._vllm_prompts
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import statistics
 import warnings
@@ -57,10 +58,21 @@ from trl.models import unwrap_model_for_generation
 
 from saei_fast import pixels
 from saei_fast.attack import PERTURBATIONS, SCOPES, AttackConfig, entropy_attack
+from saei_fast.integrations._checkpointing import (
+    checkpointing_state,
+    is_checkpointing,
+    trainer_checkpointing,
+)
 from saei_fast.integrations._fused_head import FusedHead, unsupported_reason
 from saei_fast.integrations._fused_loss import GRPOTokenLoss
 from saei_fast.integrations._fused_loss import unsupported_reason as unsupported_loss_reason
-from saei_fast.integrations._rows import RowImage, merge_rows, model_batch, split_rows
+from saei_fast.integrations._rows import (
+    RowImage,
+    adversarial_images,
+    merge_rows,
+    model_batch,
+    split_rows,
+)
 from saei_fast.integrations._vllm_prompts import (
     ReportedPrompts,
     double_expansion_message,
@@ -132,7 +144,10 @@ class SaEIConfig(GRPOConfig):
     )
     saei_micro_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Rows per attack forward/backward pass (None: all clean rows at once)."},
+        metadata={
+            "help": "Rows per attack forward/backward pass (None: per_device_train_batch_size, "
+            "so that the attack's peak memory stays within a training micro-batch's)."
+        },
     )
     saei_perturbation: str = field(
         default="entropy",
@@ -226,7 +241,9 @@ class SaEIConfig(GRPOConfig):
             scope=self.saei_scope,
             group_size=self.saei_n_clean,
             temperature=self.sampling_temperature(),
-            micro_batch_size=self.saei_micro_batch_size,
+            # A training micro-batch's rows at most: the attack's backward then needs no more
+            # memory than the training step's on the same rows (no parameter gradients).
+            micro_batch_size=self.saei_micro_batch_size or self.per_device_train_batch_size,
             measure_after=True,
             perturbation=self.saei_perturbation,
         )
@@ -479,15 +496,26 @@ class SaEIGRPOTrainer(GRPOTrainer):
             device=device,
         )
         generator = self._saei_generator() if self.args.saei_perturbation == "random" else None
-        with (
-            unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as model,
-            self._dist.summon_full_params(self.model_wrapped, recurse=False),
-        ):
+        checkpointing_on, checkpointing = trainer_checkpointing(self.args)
+        unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
+        with contextlib.ExitStack() as stack:
+            # TRL's generation context turns activation checkpointing off and back on only
+            # when it exits normally: the outer guard restores it after an error too.
+            stack.enter_context(
+                checkpointing_state(unwrapped, is_checkpointing(unwrapped), checkpointing)
+            )
+            model = stack.enter_context(
+                unwrap_model_for_generation(
+                    self.model_wrapped,
+                    self.accelerator,
+                    gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                    gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                )
+            )
+            stack.enter_context(self._dist.summon_full_params(self.model_wrapped, recurse=False))
+            # The attack backpropagates through the whole model: with the trainer's
+            # checkpointing it keeps one layer's activations, as the training step does.
+            stack.enter_context(checkpointing_state(model, checkpointing_on, checkpointing))
             result = entropy_attack(
                 model,
                 batch,
@@ -497,26 +525,7 @@ class SaEIGRPOTrainer(GRPOTrainer):
                 generator=generator,
             )
         self._saei_log_attack(result)
-
-        # Rows of a group carry one adversarial image; take each group's first row.
-        adversarial_fields = split_rows(
-            {**merge_rows([image.fields for image in images]), "pixel_values": result.pixel_values},
-            [image.pil for image in images],
-            len(images),
-        )
-        pil_starts = [0]
-        for image in images:
-            pil_starts.append(pil_starts[-1] + len(image.pil))
-        return [
-            RowImage(
-                pil=result.images[pil_starts[row] : pil_starts[row + 1]],
-                fields={
-                    **images[row].fields,
-                    "pixel_values": adversarial_fields[row]["pixel_values"].detach(),
-                },
-            )
-            for row in range(0, len(images), group_size)
-        ]
+        return adversarial_images(images, result.pixel_values, result.images, group_size)
 
     def _saei_log_attack(self, result) -> None:
         self._saei_log("entropy_before", result.entropy_before)

@@ -1,0 +1,87 @@
+"""Activation checkpointing for the attack inside TRL's generation context.
+
+TRL 1.16's ``unwrap_model_for_generation`` turns a model's activation (gradient)
+checkpointing off for generation and back on when the context exits normally. The attack
+runs inside that context, and it backpropagates through the whole model: without
+checkpointing it keeps every layer's activations for its micro-batch, where the training
+step with ``gradient_checkpointing=True`` keeps one layer's. :func:`checkpointing_state`
+switches checkpointing on for the attack and puts back the state it found, also on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def is_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (a Hugging Face model, possibly ``peft``-wrapped) checkpoints its
+    layers; False for a model without Hugging Face's checkpointing switch."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        value = getattr(model, name, None)
+        if value is not None:
+            return bool(value)
+    return False
+
+
+def trainer_checkpointing(args) -> tuple[bool, dict | None]:
+    """``(on, kwargs)``: whether a Hugging Face trainer with ``args`` checkpoints the
+    model's layers in training, and with which keyword arguments."""
+    # transformers >= 5.25 names the setting activation checkpointing; gradient
+    # checkpointing is its older name (still an alias there).
+    for prefix in ("activation", "gradient"):
+        on = getattr(args, f"{prefix}_checkpointing", None)
+        if on is not None:
+            return bool(on), getattr(args, f"{prefix}_checkpointing_kwargs", None)
+    return False, None
+
+
+def _switch(model: torch.nn.Module, on: bool, kwargs: dict | None) -> None:
+    if not on:
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+        return
+    # As the trainer enables it: every_n_layers and offload are the model's own options,
+    # the rest goes to torch.utils.checkpoint.
+    kwargs = dict(kwargs or {})
+    every_n_layers = kwargs.pop("every_n_layers", 1)
+    offload = kwargs.pop("offload", False)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs or None,
+            every_n_layers=every_n_layers,
+            offload=offload,
+        )
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+
+
+@contextlib.contextmanager
+def checkpointing_state(
+    model: torch.nn.Module, on: bool, kwargs: dict | None = None
+) -> Iterator[None]:
+    """Inside: ``model`` checkpoints its layers iff ``on`` (with ``kwargs``, the trainer's
+    ``gradient_checkpointing_kwargs``). On exit, also on error, the state found on entry is
+    put back. A model without a checkpointing switch is left alone.
+
+    With ``on`` equal to the entry state nothing changes inside; the context then only
+    guarantees the entry state on exit, whatever a nested context did.
+    """
+    supported = hasattr(model, "gradient_checkpointing_enable") or hasattr(
+        model, "activation_checkpointing_enable"
+    )
+    if not supported:
+        yield
+        return
+    found = is_checkpointing(model)
+    if found != on:
+        _switch(model, on, kwargs)
+    try:
+        yield
+    finally:
+        if is_checkpointing(model) != found:
+            _switch(model, found, kwargs)
