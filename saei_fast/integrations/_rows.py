@@ -168,7 +168,7 @@ def adversarial_images(
             )
         out.append(
             RowImage(
-                pil=list(pil[first : first + counts[first]]),
+                pil=list(pil[starts[first] : starts[first + 1]]),
                 fields={**rows[first].fields, "pixel_values": adversarial.detach()},
             )
         )
