@@ -9,6 +9,9 @@ tokens), random prompts of 24-40 tokens, completions of ``--completion`` tokens.
   sorting, ``loss.backward()`` with the parameters requiring grad (as a trainer's policy
   has them), then the signed step from ``pixel_values.grad``.
 - ours: ``saei_fast.entropy_attack`` (one group), and the same with ``micro_batch_size``.
+- ``-ckpt`` variants of ours: the same with the model in training mode and Hugging Face's
+  activation checkpointing on, as inside a trainer with ``gradient_checkpointing=True``
+  (the attack keeps the checkpointing layers' training flag and puts the rest in eval mode).
 
 Each provider runs in a fresh interpreter, so allocator reuse cannot hide memory; peak extra
 memory is the RSS high-water mark above the RSS once the model and the batch exist (the
@@ -32,11 +35,15 @@ from saei_fast.memory import peak_memory_of
 from saei_fast.reference import naive_attack_objective
 from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
 
-provider, rows, completion, repeats = sys.argv[1], *map(int, sys.argv[2:5])
+provider, rows, completion, repeats, layers = sys.argv[1], *map(int, sys.argv[2:6])
 model = tiny_qwen2_5_vl(
-    hidden_size=512, num_layers=4, num_heads=8, intermediate_size=2048, vocab_size=151936,
+    hidden_size=512, num_layers=layers, num_heads=8, intermediate_size=2048, vocab_size=151936,
     vision_hidden_size=256, vision_depth=4, vision_num_heads=4,
 )
+if provider.endswith("-ckpt"):
+    model.train()
+    model.activation_checkpointing_enable()
+    provider = provider[: -len("-ckpt")]
 processor = tiny_qwen_image_processor(max_side=112)
 space = pixels.from_processor(processor)
 batch = vlm_batch(
@@ -83,8 +90,8 @@ print(json.dumps({
 """
 
 
-def measure(provider: str, rows: int, completion: int, repeats: int) -> dict:
-    return run_isolated(_WORKER, provider, rows, completion, repeats)
+def measure(provider: str, rows: int, completion: int, repeats: int, layers: int) -> dict:
+    return run_isolated(_WORKER, provider, rows, completion, repeats, layers)
 
 
 def main() -> None:
@@ -93,13 +100,21 @@ def main() -> None:
     parser.add_argument("--completion", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4, help="text decoder layers")
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        help="naive, ours, ours-mbK, each of ours with a -ckpt suffix (default: naive, ours, "
+        "ours-mbK with --micro-batch K)",
+    )
     args = parser.parse_args()
 
-    providers = ["naive", "ours", f"ours-mb{args.micro_batch}"]
-    rows = {p: measure(p, args.rows, args.completion, args.repeats) for p in providers}
-    info = rows["naive"]
+    providers = args.providers or ["naive", "ours", f"ours-mb{args.micro_batch}"]
+    rows = {p: measure(p, args.rows, args.completion, args.repeats, args.layers) for p in providers}
+    info = rows[providers[0]]
     print(
-        f"# entropy attack, CPU, {args.rows} rows x {info['length']} tokens "
+        f"# entropy attack, CPU, {args.layers} layers, {args.rows} rows x {info['length']} tokens "
         f"({info['completion_tokens']} completion), {info['params'] / 1e6:.0f}M params, "
         f"V=151936, float32, {info['threads']} threads, {time.strftime('%F')}"
     )
@@ -107,15 +122,18 @@ def main() -> None:
         f"# full logits of the naive way: {info['logits_bytes'] / 2**20:.0f} MiB; "
         f"parameters: {info['params'] * 4 / 2**20:.0f} MiB"
     )
+    # Ratios against the first provider (naive by default).
+    first = providers[0]
     print(
-        "| provider | median time (s) | peak extra memory (MiB) | time / naive | memory / naive |"
+        f"| provider | median time (s) | peak extra memory (MiB) | time / {first} "
+        f"| memory / {first} |"
     )
     print("|---|---|---|---|---|")
-    naive = rows["naive"]
+    base = rows[first]
     for provider, row in rows.items():
         print(
             f"| {provider} | {row['median_s']:.2f} | {row['peak'] / 2**20:.0f} | "
-            f"{row['median_s'] / naive['median_s']:.2f} | {row['peak'] / naive['peak']:.3f} |"
+            f"{row['median_s'] / base['median_s']:.2f} | {row['peak'] / base['peak']:.3f} |"
         )
 
 

@@ -7,6 +7,10 @@ Qwen's 151936-token vocabulary (what makes full logits expensive). Providers:
             ``loss.backward()`` with the parameters requiring grad, then the signed step
   ours      saei_fast.entropy_attack on the whole group
   ours-mb2  the same with ``micro_batch_size=2``
+  ours-ckpt, ours-mb2-ckpt
+            the same with the model in training mode and Hugging Face's activation
+            checkpointing on, as inside a trainer with ``gradient_checkpointing=True``
+            (each provider's peak memory is in the run's ``extra_info``)
 
 Needs transformers (the tiny model); its inputs are built once per shape.
 """
@@ -76,15 +80,28 @@ def _naive(model, space, inputs, completion_mask):
     return space.project(space.step(clean, group_grad, 2 / 255, **fields), clean, **fields)
 
 
-def _ours(micro_batch_size):
+def _ours(micro_batch_size, checkpointing=False):
     def make():
         from saei_fast import AttackConfig, entropy_attack
+        from saei_fast.integrations._checkpointing import checkpointing_state
 
         def fn(model, space, inputs, completion_mask):
             config = AttackConfig(
                 group_size=completion_mask.shape[0], micro_batch_size=micro_batch_size
             )
-            return entropy_attack(model, inputs, completion_mask, space=space, config=config)
+            if not checkpointing:
+                return entropy_attack(model, inputs, completion_mask, space=space, config=config)
+            # Hugging Face checkpoints only in training mode; the model is shared by the
+            # providers, so its mode and checkpointing are put back.
+            training = model.training
+            model.train()
+            try:
+                with checkpointing_state(model, True):
+                    return entropy_attack(
+                        model, inputs, completion_mask, space=space, config=config
+                    )
+            finally:
+                model.train(training)
 
         return fn
 
@@ -97,6 +114,20 @@ PROVIDERS = {
         Provider("naive", lambda: _naive, module="transformers", note="full logits + param grads"),
         Provider("ours", _ours(None), kind="ours", module="transformers", note="whole group"),
         Provider("ours-mb2", _ours(2), kind="ours", module="transformers", note="micro-batch 2"),
+        Provider(
+            "ours-ckpt",
+            _ours(None, checkpointing=True),
+            kind="ours",
+            module="transformers",
+            note="whole group, activation checkpointing",
+        ),
+        Provider(
+            "ours-mb2-ckpt",
+            _ours(2, checkpointing=True),
+            kind="ours",
+            module="transformers",
+            note="micro-batch 2, activation checkpointing",
+        ),
     )
 }
 
@@ -104,7 +135,8 @@ PROVIDERS = {
 def _shapes(device: torch.device, quick: bool) -> list[tuple[int, int]]:
     if device.type == "cuda":
         return [(8, 1024)]  # a GRPO group of 8 responses of 1024 tokens
-    return [(2, 16)] if quick else [(4, 64)]
+    # CPU: the larger shape is where activations, which checkpointing bounds, show.
+    return [(2, 16)] if quick else [(4, 64), (8, 256)]
 
 
 ATTACK = OpBench(
