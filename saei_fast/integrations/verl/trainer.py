@@ -1,7 +1,15 @@
-"""``saei_sync``: verl's synchronous v1 trainer with the SaEI actor worker installed.
+"""The SaEI trainer: verl's synchronous v1 trainer with the SaEI actor worker installed.
 
-Selected with ``trainer.v1.trainer_mode=saei_sync`` (registered by the plugin when verl
-imports its trainer registry). It differs from verl's ``sync`` trainer in three places:
+verl picks its trainer class by ``trainer.v1.trainer_mode`` in its registry
+(``verl.trainer.ppo.v1.trainer_base.TRAINER_REGISTRY``, filled with ``register_trainer``);
+the plugin registers this class there as ``saei_sync``. verl's own code then branches on the
+mode string, testing ``trainer_mode == "sync"`` literally (replay buffer, data-loader refill,
+checkpoints, TransferQueue state), so the class puts ``"sync"`` back into
+``config.trainer.v1.trainer_mode`` before verl reads it: from construction on, verl sees its
+own ``sync`` mode and every one of those branches takes the sync path, exactly as for
+``PPOTrainerSync``. ``saei_sync`` only selects the class.
+
+It differs from ``PPOTrainerSync`` in three places:
 
 - start-up: the ``saei`` block is validated against the whole config
   (:func:`saei_fast.integrations.verl.config.settings_from_trainer_config`), and a plugin
@@ -29,6 +37,7 @@ from saei_fast.integrations.verl import plugin
 from saei_fast.integrations.verl.config import TRAINER_NAME, settings_from_trainer_config
 from saei_fast.integrations.verl.worker import SaEIActorRolloutRefWorker
 
+SYNC_MODE = "sync"  # the mode string verl's code tests for its synchronous trainer
 _ACTOR_ROLES = (Role.Actor, Role.ActorRolloutRef, Role.ActorRollout)
 
 
@@ -42,6 +51,14 @@ class SaEITrainer(PPOTrainerSync):
                 + "; ".join(plugin.REGISTRATION_ERRORS)
             )
         self.saei_settings = settings_from_trainer_config(config)
+        mode = config.trainer.v1.trainer_mode
+        if mode not in (TRAINER_NAME, SYNC_MODE):
+            raise ValueError(
+                f"trainer.v1.trainer_mode must be {TRAINER_NAME!r} to run SaEI (verl's sync "
+                f"trainer with the SaEI actor), got {mode!r}"
+            )
+        with open_dict(config):
+            config.trainer.v1.trainer_mode = SYNC_MODE
         super().__init__(config)
 
     def _init_resource_pool_mgr(self) -> None:
@@ -55,6 +72,10 @@ class SaEITrainer(PPOTrainerSync):
 
     def _setup(self) -> None:
         super()._setup()
+        self._publish_actor_workers()
+
+    def _publish_actor_workers(self) -> None:
+        """The actor workers' Ray names and role, for the agent-loop processes."""
         with open_dict(self.config):
             self.config.saei._runtime = {
                 "worker_names": list(self.actor_rollout_wg.worker_names),
