@@ -1,5 +1,5 @@
 """The ``saei_attack`` worker method on a local Ray CPU cluster, reached as the agent loops
-reach it.
+reach it, and a load test: hundreds of groups through verl's real ``AgentLoopWorker``.
 
 Two workers of :class:`_tiny_actor.TinyActorWorker` (the plugin's actor worker with a tiny
 Qwen2.5-VL sharded by FSDP2 over gloo instead of verl's GPU engine) are created the way
@@ -10,15 +10,18 @@ names the ``saei_sync`` trainer records) and calls the method with its registere
 """
 
 import asyncio
+import time
 
+import _tiny_chat
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from saei_fast import pixels
 from saei_fast.attack import AttackConfig, entropy_attack, pixel_gradient
-from saei_fast.integrations.verl.client import RayAttackClient
-from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
+from saei_fast.integrations.verl.client import RayAttackClient, set_attack_client
+from saei_fast.testing import random_images, tiny_qwen_image_processor, vlm_batch
 
 ROLE = "actor"
 GROUP_ROWS = 3
@@ -66,7 +69,7 @@ def test_reattached_workers_compute_the_pixel_gradient(ray_cluster, actor_worker
     from _tiny_actor import MODEL_SEED
 
     torch.manual_seed(0)
-    model = tiny_qwen2_5_vl(seed=MODEL_SEED)
+    model = _tiny_chat.model(_tiny_chat.processor(), seed=MODEL_SEED)
     processor = tiny_qwen_image_processor()
     space = pixels.from_processor(processor)
     config = AttackConfig(alpha=2 / 255, micro_batch_size=2)
@@ -90,9 +93,11 @@ def test_reattached_workers_compute_the_pixel_gradient(ray_cluster, actor_worker
         a["eval_mode_calls"] - b["eval_mode_calls"] for a, b in zip(after, before, strict=True)
     ]
     assert calls == [1, 1]  # one method call on each rank
-    for state in after:  # sharding, mode and parameters as they were; no parameter gradients
-        assert state["training"] and state["sharded"] and state["requires_grad"]
-        assert state["no_grads"]
+    for state in after:  # sharding and parameters as they were; no parameter gradients
+        # eval mode, as verl's eval_mode leaves the module; the checkpointing layers' own
+        # training flags (set for the attack) are put back
+        assert not state["training"] and state["sharded"] and state["requires_grad"]
+        assert state["no_grads"] and state["patched"].startswith("verl.models.transformers")
 
     assert len(gradients) == 3
     for result, group, batch in zip(gradients, groups, batches, strict=True):
@@ -126,3 +131,63 @@ def test_reattached_workers_compute_the_pixel_gradient(ray_cluster, actor_worker
     # a second client (another agent-loop process) finds the same dispatcher
     other = RayAttackClient(actor_workers.worker_names, ROLE)
     assert ray_cluster.get(other.dispatcher().num_calls.remote()) == 2
+
+
+LOAD_GROUPS = 256
+
+
+@pytest.mark.slow
+def test_hundreds_of_groups_through_verls_agent_loop_worker(ray_cluster, actor_workers):
+    """256 prompt groups in one ``generate_sequences`` of verl's ``AgentLoopWorker`` (the
+    stand-in server of ``test_verl_agent_loop`` samples), every adversarial image computed
+    by the two Ray actor workers through the real client and dispatcher."""
+    from _tiny_actor import MODEL_SEED
+    from test_verl_agent_loop import (
+        N_ADV,
+        N_CLEAN,
+        StandInServer,
+        _config,
+        _expected_adversarial,
+        _prompts,
+        _Worker,
+    )
+
+    processor = _tiny_chat.processor()
+    images = random_images(LOAD_GROUPS, (56, 56), seed=11)
+    uids = [f"load-{number}" for number in range(LOAD_GROUPS)]
+    server = StandInServer(processor.tokenizer, seed=5)
+    client = RayAttackClient(actor_workers.worker_names, ROLE)
+    calls_before = ray_cluster.get(client.dispatcher().num_calls.remote())
+    set_attack_client(client)
+    started = time.perf_counter()
+    try:
+        worker = _Worker(_config(), server, processor)
+        output = asyncio.run(worker.generate_sequences(_prompts(images, uids)))
+    finally:
+        set_attack_client(None)
+    seconds = time.perf_counter() - started
+    calls = ray_cluster.get(client.dispatcher().num_calls.remote()) - calls_before
+    print(
+        f"\n{LOAD_GROUPS} groups: {seconds:.1f} s wall, {calls} dispatcher calls "
+        f"({calls / LOAD_GROUPS:.3f} per group)"
+    )
+
+    group = N_CLEAN + N_ADV
+    assert len(output) == LOAD_GROUPS * group
+    assert output.non_tensor_batch["uid"].tolist() == [u for u in uids for _ in range(group)]
+    assert calls < LOAD_GROUPS  # groups share calls
+    for number, image in enumerate(images):
+        rows = range(number * group, (number + 1) * group)
+        sent = [server.requests[row] for row in rows]
+        clean = np.asarray(image, dtype=np.int16)
+        adversarial = np.asarray(sent[N_CLEAN]["images"][0], dtype=np.int16)
+        # the group's own image, one signed step away (other groups' images are far off)
+        assert np.abs(adversarial - clean).max() == 2
+        assert all(request["images"][0] is sent[N_CLEAN]["images"][0] for request in sent[N_CLEAN:])
+    model = _tiny_chat.model(processor, seed=MODEL_SEED)
+    space = pixels.from_processor(processor)
+    for number in (0, LOAD_GROUPS // 2, LOAD_GROUPS - 1):  # exact images, spot-checked
+        rows = list(range(number * group, number * group + N_CLEAN))
+        expected = _expected_adversarial(model, processor, space, server, rows)
+        sent = server.requests[number * group + N_CLEAN]["images"][0]
+        assert np.array_equal(np.asarray(sent), np.asarray(expected))
