@@ -63,9 +63,10 @@ from saei_fast.integrations._checkpointing import (
     is_checkpointing,
     trainer_checkpointing,
 )
-from saei_fast.integrations._fused_head import FusedHead, unsupported_reason
+from saei_fast.integrations._fused_head import FusedHead, fused_head_for, unsupported_reason
 from saei_fast.integrations._fused_loss import GRPOTokenLoss
 from saei_fast.integrations._fused_loss import unsupported_reason as unsupported_loss_reason
+from saei_fast.integrations._parallel import fused_refusal, parallel_setup, sampling_refusal
 from saei_fast.integrations._rows import (
     RowImage,
     adversarial_images,
@@ -172,7 +173,8 @@ class SaEIConfig(GRPOConfig):
             "help": "Take the gradient of TRL's training loss with saei_fast.linear_token_loss "
             "while each chunk's logits are in memory (3 GEMMs per completion token at any batch "
             "size); TRL still computes the loss value and its metrics. Token-level GRPO, BNPO, "
-            "Dr. GRPO and DAPO losses, one process. Also with saei_enabled=False."
+            "Dr. GRPO and DAPO losses, in one process or under DDP (FSDP and DeepSpeed are "
+            "refused). Also with saei_enabled=False."
         },
     )
 
@@ -315,7 +317,9 @@ class SaEIGRPOTrainer(GRPOTrainer):
     Raises:
         TypeError / ValueError: at construction, for settings SaEI cannot sample with
             (non-SaEIConfig args, text-only processing class, tools, environments, a custom
-            ``rollout_func``, a processor without a pixel space).
+            ``rollout_func``, a processor without a pixel space, FSDP or DeepSpeed ZeRO-3;
+            the fused head or loss with FSDP or DeepSpeed; see
+            :mod:`saei_fast.integrations._parallel`).
         RuntimeError: at a vLLM generation whose engine prompt differs in length from the
             trainer's (image tokens expanded twice, TRL issues 6294 / 6401), on every process.
     """
@@ -350,6 +354,13 @@ class SaEIGRPOTrainer(GRPOTrainer):
             self._saei_attack_config = config.attack_config()
         self._saei_last_adversarial = None  # is_adversarial of the latest SaEI generation
         self._saei_loss_rows = None  # (is_adversarial, token mask) of the loss forward
+        # FSDP / DeepSpeed, read from accelerate's state (see _parallel).
+        self._saei_setup = parallel_setup(self.accelerator.state)
+        if config.saei_enabled and (reason := sampling_refusal(self._saei_setup)) is not None:
+            raise ValueError(
+                f"saei_enabled=True is not supported with {self._saei_setup}: {reason}; "
+                "train with DDP (or DeepSpeed ZeRO-2) or set saei_enabled=False"
+            )
         self._saei_fused_head = self._saei_resolve_fused_head(config.saei_fused_head)
         if config.saei_fused_loss:
             self._saei_check_fused_loss()
@@ -357,11 +368,14 @@ class SaEIGRPOTrainer(GRPOTrainer):
         self._saei_pending_loss = None  # the GRPOTokenLoss of the running loss forward
 
     def _saei_resolve_fused_head(self, setting: bool | None) -> bool:
+        refusal = fused_refusal(self._saei_setup)
         if setting is None:
             # Off on accelerators until a GPU benchmark shows ours at least as fast as TRL's.
-            setting = self.accelerator.device.type == "cpu"
+            setting = self.accelerator.device.type == "cpu" and refusal is None
         if not setting:
             return False
+        if refusal is not None:
+            raise ValueError(f"saei_fused_head=True is not supported here: {refusal}")
         reason = unsupported_reason(self.model)
         if reason is not None:
             logger.warning("saei_fused_head: using TRL's head instead, since %s.", reason)
@@ -370,9 +384,11 @@ class SaEIGRPOTrainer(GRPOTrainer):
 
     def _saei_check_fused_loss(self) -> None:
         """saei_fused_loss=True is refused at construction where it cannot be exact."""
-        reason = unsupported_loss_reason(self) or unsupported_reason(self.model)
-        if reason is None and self.accelerator.num_processes > 1:
-            reason = "it runs in one process only (a DDP / FSDP wrapper runs TRL's head)"
+        reason = (
+            fused_refusal(self._saei_setup)
+            or unsupported_loss_reason(self)
+            or unsupported_reason(self.model)
+        )
         if reason is not None:
             raise ValueError(f"saei_fused_loss=True is not supported here: {reason}")
 
@@ -641,13 +657,15 @@ class SaEIGRPOTrainer(GRPOTrainer):
         on (and with the fused loss in the training-loss forward), and the clean /
         adversarial split of the loss forward's entropy logged."""
         pending, self._saei_pending_loss = self._saei_pending_loss, None  # its first call only
-        # A DDP / FSDP wrapper must run its own forward (gradient hooks): TRL's head then.
-        if (
-            (self._saei_fused_head or pending is not None)
-            and model is self.accelerator.unwrap_model(model)
-            and unsupported_reason(model) is None
-        ):
-            model = FusedHead(model, temperature=self.temperature, loss=pending)
+        # Unwrapped or DDP-wrapped (the call then goes through DDP's forward, for its
+        # gradient hooks); any other wrapper runs TRL's head (FSDP and DeepSpeed with the
+        # fused paths are refused at construction).
+        target = None
+        if self._saei_fused_head or pending is not None:
+            target = fused_head_for(model, self.accelerator.unwrap_model(model))
+        if target is not None and unsupported_reason(target[0]) is None:
+            module, wrapper = target
+            model = FusedHead(module, temperature=self.temperature, loss=pending, wrapper=wrapper)
         logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
             model, *args, **kwargs
         )
