@@ -1,6 +1,7 @@
 """SaEIGRPOTrainer in 2 CPU processes (gloo, DDP): two SaEI steps of a tiny Qwen2.5-VL, one
-whole group per process per step, launched the way ``saei-fast demo --num-processes 2``
-launches (``torch.distributed.run`` underneath).
+whole group per process per step, with ``gradient_checkpointing=True`` and
+``saei_fused_loss=True``, launched the way ``saei-fast demo --num-processes 2`` launches
+(``torch.distributed.run`` underneath).
 
 Each rank writes the values it computed before any gathering (tests/trl_multiprocess_worker.py);
 the checks: every rank attacks through its DDP-wrapped policy, rows of a group stay on one
@@ -9,7 +10,8 @@ process, normalises per group and hands each process its slice), and every logge
 metric is the mean over ranks of the local values (a median / fraction over all groups for
 the per-group ones).
 
-FSDP is not tested: accelerate (1.15) turns a trainer's FSDP settings into FSDP only for
+FSDP is refused at construction (tests/test_trl_parallel.py), and could not run here anyway:
+accelerate (1.15) turns a trainer's FSDP settings into FSDP only for
 accelerator device types (MULTI_GPU, NPU, XPU, ...); with ``use_cpu=True`` the state stays
 MULTI_CPU and the model is wrapped in DDP, so no CPU run can exercise it.
 """
@@ -64,6 +66,10 @@ def test_every_rank_attacks_through_its_ddp_wrapped_policy(ranks):
         assert record["rank"] == rank and record["world_size"] == 2
         assert record["distributed_type"] == "DistributedType.MULTI_CPU"
         assert record["local"]["attack_model"] == ["DistributedDataParallel"] * STEPS
+        # gradient_checkpointing=True: the attack checkpoints too (TRL's generation
+        # context turns it off), and the fused loss trains every micro-batch through DDP.
+        assert record["local"]["attack_checkpointing"] == [True] * STEPS
+        assert record["local"]["fused_loss"] == [True] * STEPS
     # DDP averaged the gradients: the ranks end with the same, updated weights.
     assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"]
     assert ranks[0]["weights_abs_sum"] == ranks[1]["weights_abs_sum"]

@@ -31,7 +31,14 @@ class RecordingTrainer(SaEIGRPOTrainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.local = {"metrics": {}, "relative_gain": [], "attack_model": [], "rows": []}
+        self.local = {
+            "metrics": {},
+            "relative_gain": [],
+            "attack_model": [],
+            "rows": [],
+            "fused_loss": [],
+            "attack_checkpointing": [],
+        }
 
     def _saei_log(self, name, value):
         self.local["metrics"].setdefault(name, []).append(float(value))
@@ -44,7 +51,27 @@ class RecordingTrainer(SaEIGRPOTrainer):
 
     def _saei_attack(self, *args, **kwargs):
         self.local["attack_model"].append(type(self.model_wrapped).__name__)
-        return super()._saei_attack(*args, **kwargs)
+        layer = self.model.model.language_model.layers[0]
+        checkpointed = []
+
+        # Inside the layer's checkpointed forward: does the attack's gradient pass checkpoint?
+        def record(_module, _args):
+            checkpointed.append(
+                torch.is_grad_enabled() and layer.gradient_checkpointing and layer.training
+            )
+
+        handle = layer.self_attn.register_forward_pre_hook(record)
+        try:
+            return super()._saei_attack(*args, **kwargs)
+        finally:
+            handle.remove()
+            self.local["attack_checkpointing"].append(any(checkpointed))
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        # The fused loss ran and passed its value check (it raises otherwise).
+        self.local["fused_loss"].append(self._saei_fused_loss and loss.requires_grad)
+        return loss
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -81,6 +108,10 @@ def main(out: str) -> None:
         # One group per process per step: rewards and advantages must be gathered.
         per_device_train_batch_size=GROUP,
         generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
+        # What large runs use: the fused loss through DDP, and activation checkpointing,
+        # which the attack must apply too.
+        saei_fused_loss=True,
+        gradient_checkpointing=True,
     )
     rewards, logs = Rewards(), KeepLogs()
     trainer = RecordingTrainer(
