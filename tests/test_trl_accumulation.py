@@ -1,0 +1,100 @@
+"""SaEIGRPOTrainer with gradient accumulation: one generation of 8 rows, shuffled by TRL and
+cut into two loss micro-batches of 4, through a real training step on a tiny Qwen2.5-VL.
+
+The other trainer tests feed the whole generation batch to one loss forward, in generation
+order. Here each micro-batch holds a shuffled half of the rows, so the clean / adversarial
+flag must travel with its row, and ``saei/entropy_clean_rows`` / ``saei/entropy_adv_rows``
+are the mean over micro-batches of each one's token mean. The arm of every row is read back
+from what the two ``generate`` calls returned; entropies come from a plain forward.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from trl_helpers import GROUP, N_ADV, ModelRecorder, Rewards, make_config, no_stop_tokens
+
+from saei_fast.demo.model import demo_model
+from saei_fast.demo.task import to_dataset
+from saei_fast.integrations.trl import SaEIGRPOTrainer
+from saei_fast.reference import entropy_reference
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
+
+
+@torch.no_grad()
+def _plain_entropies(model, inputs):
+    completion = inputs["completion_ids"]
+    batch = {
+        "input_ids": torch.cat([inputs["prompt_ids"], completion], 1),
+        "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
+        "pixel_values": inputs["pixel_values"],
+        "image_grid_thw": inputs["image_grid_thw"],
+        "mm_token_type_ids": inputs["mm_token_type_ids"],
+    }
+    logits = model(**batch).logits[:, -completion.shape[1] - 1 : -1]
+    return entropy_reference(logits)
+
+
+def test_adversarial_flags_travel_with_shuffled_rows_into_micro_batches(
+    processor, examples, tmp_path
+):
+    torch.manual_seed(0)
+    model = demo_model(processor, hidden_size=32, seed=0)
+    with torch.no_grad():  # spread the entropies (a random tiny model is near uniform)
+        model.lm_head.weight.mul_(30.0)
+    recorder = ModelRecorder(model)
+    trainer = SaEIGRPOTrainer(
+        model=model,
+        reward_funcs=Rewards(),
+        args=make_config(
+            tmp_path,
+            per_device_train_batch_size=GROUP,
+            gradient_accumulation_steps=2,
+            max_steps=1,
+            generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
+        ),
+        train_dataset=to_dataset(examples),
+        processing_class=processor,
+    )
+    assert trainer.args.steps_per_generation == 2
+    micro_batches = []
+    compute_loss = trainer.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        record = {k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)}
+        record["entropies"] = _plain_entropies(trainer.model, inputs)
+        micro_batches.append(record)
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording
+    trainer.train()
+
+    clean_call, adv_call = recorder.generate_calls
+    expected = Counter(
+        [(tuple(row.tolist()), False) for row in clean_call["completions"]]
+        + [(tuple(row.tolist()), True) for row in adv_call["completions"]]
+    )
+    assert len(micro_batches) == 2
+    got, values = Counter(), {"clean": [], "adv": []}
+    for record in micro_batches:
+        assert record["completion_ids"].shape[0] == GROUP
+        assert record["completion_mask"].bool().all()  # full-length completions
+        flags = record["saei_is_adversarial"].bool()
+        for row, flag in zip(record["completion_ids"], flags, strict=True):
+            got[(tuple(row.tolist()), bool(flag))] += 1
+        for name, rows in (("clean", ~flags), ("adv", flags)):
+            if rows.any():
+                values[name].append(float(record["entropies"][rows].mean()))
+    # Every row reached a micro-batch once, with the arm it was generated in.
+    assert got == expected
+    assert sum(n for (_, flag), n in got.items() if flag) == 2 * N_ADV
+    (entry,) = [e for e in trainer.state.log_history if "reward" in e]
+    for name in ("clean", "adv"):
+        want = sum(values[name]) / len(values[name])
+        assert entry[f"saei/entropy_{name}_rows"] == pytest.approx(want, rel=1e-5)
