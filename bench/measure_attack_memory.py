@@ -41,8 +41,9 @@ model = tiny_qwen2_5_vl(
     vision_hidden_size=256, vision_depth=4, vision_num_heads=4,
 )
 if provider.endswith("-ckpt"):
+    from saei_fast.integrations._checkpointing import switch_checkpointing
     model.train()
-    model.activation_checkpointing_enable()
+    switch_checkpointing(model, True)
     provider = provider[: -len("-ckpt")]
 processor = tiny_qwen_image_processor(max_side=112)
 space = pixels.from_processor(processor)

@@ -19,6 +19,7 @@ from trl_helpers import Rewards, make_config, no_stop_tokens
 
 from saei_fast.demo.model import demo_model, demo_processor, prompt_text
 from saei_fast.demo.task import colour_examples, task_words, to_dataset
+from saei_fast.integrations._checkpointing import switch_checkpointing
 from saei_fast.integrations._rows import RowImage, model_batch, split_rows
 from saei_fast.integrations.trl import SaEIGRPOTrainer, _Completion
 
@@ -95,8 +96,7 @@ def loss_inputs(trainer, prompts, rows, completions, seed: int = 0) -> dict:
 
 def enable_training_checkpointing(trainer) -> None:
     """Activation checkpointing on, as ``Trainer.train`` turns it on before the first step."""
-    kwargs = dict(trainer.args.gradient_checkpointing_kwargs or {})
-    trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+    switch_checkpointing(trainer.model, True, trainer.args.gradient_checkpointing_kwargs)
 
 
 def main() -> None:

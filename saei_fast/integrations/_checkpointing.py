@@ -38,7 +38,9 @@ def trainer_checkpointing(args) -> tuple[bool, dict | None]:
     return False, None
 
 
-def _switch(model: torch.nn.Module, on: bool, kwargs: dict | None) -> None:
+def switch_checkpointing(model: torch.nn.Module, on: bool, kwargs: dict | None = None) -> None:
+    """Turn ``model``'s activation checkpointing on (with a trainer's checkpointing kwargs) or
+    off, with whichever of the two names the installed transformers has."""
     if not on:
         if hasattr(model, "activation_checkpointing_disable"):
             model.activation_checkpointing_disable()
@@ -79,9 +81,9 @@ def checkpointing_state(
         return
     found = is_checkpointing(model)
     if found != on:
-        _switch(model, on, kwargs)
+        switch_checkpointing(model, on, kwargs)
     try:
         yield
     finally:
         if is_checkpointing(model) != found:
-            _switch(model, found, kwargs)
+            switch_checkpointing(model, found, kwargs)
