@@ -245,6 +245,13 @@ def test_clean_rows_then_adversarial_rows_all_updating_on_the_clean_image(tiny):
     flags = output.non_tensor_batch["saei_adversarial"].tolist()
     assert flags == ([False] * N_CLEAN + [True] * N_ADV) * 2
     assert output.non_tensor_batch["uid"].tolist() == ["uid-a"] * group + ["uid-b"] * group
+    # the attack's numbers, once per group, on its first adversarial row
+    before = output.non_tensor_batch["saei_entropy_before"].tolist()
+    assert [value is not None for value in before] == (
+        [False] * N_CLEAN + [True] + [False] * (N_ADV - 1)
+    ) * 2
+    assert all(value > 0 for value in before if value is not None)
+    assert all(n > 0 for n in output.non_tensor_batch["saei_selected_tokens"] if n is not None)
 
     for number, image in enumerate(images):
         rows = range(number * group, (number + 1) * group)
@@ -356,3 +363,34 @@ def test_failed_attack_fails_the_adversarial_rows_and_frees_the_group(tiny):
     finally:
         set_attack_client(None)
     assert not saei_agent_loop._GROUPS
+
+
+def test_mm_processor_kwargs_reach_the_attack(tiny):
+    """``data.mm_processor_kwargs`` that resize the image: the actor attacks the image as
+    training sees it (the same pixel values as the rows' ``multi_modal_inputs``), and the
+    adversarial image has that size."""
+    processor, model, _ = tiny
+    image = random_images(1, (56, 56), seed=8)[0]
+    config = _config()
+    config.data.mm_processor_kwargs = {"min_pixels": 784, "max_pixels": 784}
+    seen = []
+
+    class Recording(LocalAttackClient):
+        async def attack(self, batches, **kwargs):
+            seen.extend(batches)
+            return await super().attack(batches, **kwargs)
+
+    set_attack_client(Recording(model))
+    try:
+        worker = _Worker(config, StandInServer(processor.tokenizer, seed=4), processor)
+        worker.mm_processor_kwargs = dict(config.data.mm_processor_kwargs)
+        server = worker.llm_client
+        output = _run(worker, _prompts([image], ["uid-m"]))
+    finally:
+        set_attack_client(None)
+    training = output.non_tensor_batch["multi_modal_inputs"][0]["pixel_values"]
+    (batch,) = seen
+    rows = batch["image_rows"]
+    assert training.shape[0] == rows == 4  # 28 x 28 pixels: 2 x 2 patches, not 4 x 4
+    torch.testing.assert_close(batch["pixel_values"][:rows], training)
+    assert server.requests[N_CLEAN]["images"][0].size == (28, 28)

@@ -19,9 +19,16 @@ Rows of a uid meet in a per-process :class:`_Group`:
 Every row returns the CLEAN image in ``multi_modal_data``, so verl's
 ``_compute_multi_modal_inputs`` (and with it old/ref log-probs and the policy update) uses
 the clean image for all rows, as SaEI prescribes. ``extra_fields["saei_adversarial"]`` marks
-the adversarial rows. Their ``rollout_log_probs`` come from the perturbed image, so
-``algorithm.rollout_correction`` would read the perturbation as engine mismatch: the start-up
-check (:func:`saei_fast.integrations.verl.config.settings_from_trainer_config`) refuses it.
+the adversarial rows; the group's first adversarial row also carries the attack's numbers
+for the trainer's ``saei/`` metrics (:mod:`saei_fast.integrations.verl.metrics`). The
+adversarial rows' ``rollout_log_probs`` come from the perturbed image, so the settings that
+score rows with them (``algorithm.rollout_correction``) would read the perturbation as
+engine mismatch: the start-up check
+(:func:`saei_fast.integrations.verl.config.settings_from_trainer_config`) refuses them.
+
+The actor sees the group's image as training will (verl's own ``_compute_multi_modal_inputs``
+with the row's ``mm_processor_kwargs``) and the rows with verl's own position ids
+(``_compute_position_ids``): the gradient is that of the model the update trains.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from saei_fast.attack import AttackConfig
 from saei_fast.integrations._rows import model_batch
 from saei_fast.integrations.verl.client import get_attack_client
 from saei_fast.integrations.verl.config import SaEISettings
+from saei_fast.integrations.verl.metrics import group_fields
 
 logger = logging.getLogger("saei_fast.integrations.verl")
 
@@ -182,6 +190,9 @@ class SaEIAgentLoop(AgentLoopBase):
         result.extra_fields.update(
             {"turn_scores": [], "tool_rewards": [], "saei_adversarial": adversarial}
         )
+        if role == self.settings.n_clean and group.attack_result is not None:
+            # The group's attack numbers, once per group, for the trainer's saei/ metrics.
+            result.extra_fields.update(group_fields(group.attack_result))
         return result
 
     # ---- the adversarial image of a group ---------------------------------------------------

@@ -9,7 +9,7 @@ checkpoints, TransferQueue state), so the class puts ``"sync"`` back into
 own ``sync`` mode and every one of those branches takes the sync path, exactly as for
 ``PPOTrainerSync``. ``saei_sync`` only selects the class.
 
-It differs from ``PPOTrainerSync`` in three places:
+It differs from ``PPOTrainerSync`` in four places:
 
 - start-up: the ``saei`` block is validated against the whole config
   (:func:`saei_fast.integrations.verl.config.settings_from_trainer_config`), and a plugin
@@ -19,7 +19,9 @@ It differs from ``PPOTrainerSync`` in three places:
   ``PPOTrainerSeparateAsync`` swaps its worker the same way);
 - ``_setup``: after the worker groups exist, the actor workers' Ray names go to
   ``config.saei._runtime``; verl hands this config to the agent-loop workers it creates next,
-  where :mod:`saei_fast.integrations.verl.client` re-attaches to them.
+  where :mod:`saei_fast.integrations.verl.client` re-attaches to them;
+- ``_compute_metrics``: verl's metrics, plus the step's ``saei/`` metrics
+  (:mod:`saei_fast.integrations.verl.metrics`).
 
 Everything else (rewards, GRPO advantages over each uid, old/ref log-probs and the update on
 the clean images, weight sync) is verl's.
@@ -28,6 +30,7 @@ the clean images, weight sync) is verl's.
 from __future__ import annotations
 
 import ray
+import transfer_queue as tq
 from omegaconf import open_dict
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1 import trainer_base
@@ -35,6 +38,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from saei_fast.integrations.verl import plugin
 from saei_fast.integrations.verl.config import TRAINER_NAME, settings_from_trainer_config
+from saei_fast.integrations.verl.metrics import step_metrics
 from saei_fast.integrations.verl.worker import SaEIActorRolloutRefWorker
 
 SYNC_MODE = "sync"  # the mode string verl's code tests for its synchronous trainer
@@ -81,6 +85,29 @@ class SaEITrainer(PPOTrainerSync):
                 "worker_names": list(self.actor_rollout_wg.worker_names),
                 "role": str(self.saei_actor_role),
             }
+
+    def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
+        """verl's metrics, then the step's ``saei/`` metrics from the rows' extra fields and
+        rewards (read from TransferQueue as verl's own ``_compute_metrics`` reads them)."""
+        result = super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
+        metrics.update(saei_metrics_of(batch))
+        return result
+
+
+def saei_metrics_of(batch) -> dict[str, float]:
+    """``saei/`` metrics of the rows of ``batch`` (a ``KVBatchMeta``), padding rows left out."""
+    data = tq.kv_batch_get(
+        keys=batch.keys,
+        partition_id=batch.partition_id,
+        select_fields=["extra_fields", "rm_scores"],
+    )
+    extra_fields = data.pop("extra_fields").tolist()
+    rewards = data.to_padded_tensor()["rm_scores"].sum(-1).tolist()
+    real = [not tag.get("is_padding", False) for tag in batch.tags]
+    return step_metrics(
+        [fields for fields, keep in zip(extra_fields, real, strict=True) if keep],
+        [reward for reward, keep in zip(rewards, real, strict=True) if keep],
+    )
 
 
 def register(registry=trainer_base) -> None:
