@@ -4,7 +4,8 @@
 # (pip install --no-deps -e .), a local Qwen2.5-VL checkpoint ($MODEL: a directory, e.g.
 # Qwen2.5-VL-3B-Instruct; nothing is downloaded) and geo3k parquet files ($DATA, made with
 # verl's examples/data_preprocess/geo3k.py). Logs go to $OUT (or ./saei-verl-check).
-# Passes when both steps finish and the log shows the SaEI rows were sampled.
+# Passes when the packed-rows attack agrees with the padded one (bench/gpu_verl_attack.py)
+# and both steps finish.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${MODEL:?set MODEL to a local Qwen2.5-VL directory}"
@@ -14,6 +15,10 @@ mkdir -p "$OUT"
 
 python3 -c "import verl, vllm; from saei_fast.integrations.verl import plugin; \
 assert not plugin.REGISTRATION_ERRORS, plugin.REGISTRATION_ERRORS; print('verl', verl.__version__, 'vllm', vllm.__version__)"
+
+# The actor attack with packed rows through flash-attn's varlen kernel (the CPU tests run a
+# float64 stand-in for it), against the padded layout.
+timeout 600 python3 bench/gpu_verl_attack.py 2>&1 | tee "$OUT/verl_attack.log"
 
 timeout 1500 bash examples/verl/qwen2_5_vl_7b_geo3k_saei.sh \
     actor_rollout_ref.model.path="$MODEL" \
