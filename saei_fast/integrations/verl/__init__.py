@@ -6,8 +6,10 @@ at ``import verl``; it registers, lazily:
 - the agent loop ``saei_agent`` (:mod:`.agent_loop`): clean rows, the adversarial image from
   the actor, adversarial rows, all under the prompt's uid, the clean image returned for the
   update;
-- the trainer ``saei_sync`` (:mod:`.trainer`), which installs the actor worker with the
-  ``saei_attack`` method (:mod:`.worker`).
+- the trainer ``saei_sync`` (:mod:`.trainer`): verl's sync trainer (verl's code sees
+  ``trainer_mode == "sync"``) with the actor worker whose ``saei_attack`` method runs the
+  attack on the engine's model (:mod:`.worker`, :mod:`.engine_model`), reached from the agent
+  loops through :mod:`.client`; the step's ``saei/`` metrics (:mod:`.metrics`).
 
 A run enables SaEI with config keys only::
 
