@@ -1,6 +1,6 @@
 """The fused loss and the fused head of SaEIGRPOTrainer under DDP: 2 CPU processes (gloo),
-each with its own rows, through accelerate's DDP wrapper as the training loop prepares it
-(tests/trl_ddp_worker.py).
+each with its own rows, through accelerate's DDP wrapper as the training loop prepares it,
+for a full and a LoRA (peft) policy (tests/trl_ddp_worker.py).
 
 Every parameter gradient after DDP's all-reduce must equal TRL's head's through the same
 wrapper (the tolerance of the single-process tests), and both must equal the mean over the
@@ -41,12 +41,16 @@ def mean_of_ranks(ranks: list, key: str) -> dict:
     return {name: sum(record[key][name] for record in ranks) / len(ranks) for name in names}
 
 
-@pytest.mark.parametrize(("mode", "calls"), [("loss", "loss_calls"), ("head", "head_calls")])
+@pytest.mark.parametrize(
+    ("mode", "calls"), [("loss", "loss_calls"), ("head", "head_calls"), ("lora", "lora_calls")]
+)
 def test_fused_gradients_under_ddp_are_trls_after_the_all_reduce(ranks, mode, calls):
     for record in ranks:
         assert record["wrapper"] == "DistributedDataParallel"
         # The trainer's own setting without checkpointing: DDP walks the output's graph.
         assert record["find_unused_parameters"] is True
+    if mode == "lora":  # only the adapters train
+        assert all("lora_" in name for name in ranks[0]["fused_lora"])
         assert record[calls] == 1  # the fused path ran, once, in the wrapped forward
     # The ranks' own gradients differ (different rows), so the all-reduce is visible.
     local = [record[f"local_{mode}"] for record in ranks]

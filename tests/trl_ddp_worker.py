@@ -12,8 +12,10 @@ inputs, takes the parameter gradients of:
   with TRL's head;
 - ``fused_head``: a loss-like pass of ``_get_per_token_logps_and_entropies`` with
   ``saei_fused_head=True`` through the wrapper, and ``trl_head``: the same with TRL's head;
-- ``local_loss`` / ``local_head``: TRL's head on the unwrapped model, outside DDP (this
-  rank's own gradient, not all-reduced).
+- ``fused_lora`` / ``trl_lora``: the fused loss and TRL's through DDP for a LoRA (peft)
+  policy;
+- ``local_*``: TRL's head on the unwrapped model, outside DDP (this rank's own gradient,
+  not all-reduced).
 
 It saves them, with the number of fused calls, to ``OUT/rank<r>.pt``.
 """
@@ -25,15 +27,18 @@ import os
 import sys
 from pathlib import Path
 
+import peft
 import torch
 import torch.distributed as dist
 from test_trl_fused_head import loss_inputs as head_inputs
 from test_trl_fused_loss import loss_inputs, trainer_for
+from trl_helpers import Rewards, make_config
 
 import saei_fast.integrations._fused_head as fused_head
 import saei_fast.integrations._fused_loss as fused_loss
 from saei_fast.demo.model import demo_model, demo_processor
-from saei_fast.demo.task import colour_examples, task_words
+from saei_fast.demo.task import colour_examples, task_words, to_dataset
+from saei_fast.integrations.trl import SaEIGRPOTrainer
 
 
 def counted(module, name: str) -> list:
@@ -100,6 +105,28 @@ def main(out: str) -> None:
     trainer._saei_fused_head = False
     record["trl_head"] = gradients(trainer.model, head_pass(wrapped))
     record["local_head"] = gradients(trainer.model, head_pass(trainer.model))
+
+    # A LoRA policy (random adapters, so that both factors get gradients): DDP wraps the
+    # peft model, and only the adapters train.
+    lora = SaEIGRPOTrainer(
+        model=copy.deepcopy(base),
+        reward_funcs=Rewards(),
+        args=make_config(out, saei_fused_loss=True, beta=0.0),
+        train_dataset=to_dataset(examples),
+        processing_class=processor,
+        peft_config=peft.LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    )
+    lora.current_gradient_accumulation_steps = 1
+    lora.model.train()
+    wrapped = lora.accelerator.prepare_model(lora.model)
+    calls_before = len(loss_calls)
+    record["fused_lora"] = gradients(lora.model, lambda: lora._compute_loss(wrapped, inputs))
+    record["lora_calls"] = len(loss_calls) - calls_before
+    lora._saei_fused_loss = lora._saei_fused_head = False
+    record["trl_lora"] = gradients(lora.model, lambda: lora._compute_loss(wrapped, inputs))
+    record["local_lora"] = gradients(lora.model, lambda: lora._compute_loss(lora.model, inputs))
 
     torch.save(record, Path(out, f"rank{rank}.pt"))
     if dist.is_initialized():
