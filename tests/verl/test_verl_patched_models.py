@@ -162,6 +162,27 @@ def test_actor_attack_in_the_engine_layout_matches_the_unpatched_model(
         assert result["entropy_before"] == pytest.approx(want.entropy_before, rel=1e-12)
 
 
+def test_packed_rows_without_position_ids_get_verls(monkeypatch):
+    """A group batch as a caller outside the agent loop builds it (the processor's
+    ``mm_token_type_ids``, no position ids): with ``use_remove_padding`` the rows get verl's
+    position ids, so the result is the one with verl's own."""
+    model, space, batch = _setup("qwen2_5_vl", seed=3)
+    with_verl = _groups(batch, verl_position_ids(model, batch.inputs))
+    without = [
+        {
+            **{key: value for key, value in group.items() if key != "position_ids"},
+            "mm_token_type_ids": batch.inputs["mm_token_type_ids"][first : first + GROUP],
+        }
+        for group, first in zip(with_verl, (0, GROUP), strict=True)
+    ]
+    with verl_patched(model, use_remove_padding=True), cpu_varlen_kernel(monkeypatch):
+        expected = _worker_attack(model, space, with_verl, remove_padding=True, mode="gradient")
+        got = _worker_attack(model, space, without, remove_padding=True, mode="gradient")
+    for result, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(result["grad"], want["grad"], rtol=1e-12, atol=1e-18)
+        assert float(want["grad"].abs().sum()) > 0
+
+
 def _rows(batch, first):
     """Rows ``first .. first + GROUP`` of ``batch`` as an HF batch (with the processor's
     ``mm_token_type_ids``, from which the unpatched model computes its own positions)."""

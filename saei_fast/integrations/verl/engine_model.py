@@ -9,7 +9,8 @@ verl's engine (``verl/workers/engine/fsdp/transformer_impl.py``) builds its mode
 - ``use_remove_padding=True``: the real tokens of all rows packed into one row,
   ``input_ids [1, nnz]``, ``attention_mask=None``, ``position_ids [4, 1, nnz]``; sequence
   boundaries are where the text positions restart at 0 (verl's attention turns them into
-  varlen ``cu_seqlens``).
+  varlen ``cu_seqlens``). A batch without position ids gets them in verl's layout here (text
+  positions, then the model's own multimodal RoPE positions).
 
 :class:`EngineModel` presents the engine's model to :func:`saei_fast.entropy_attack` with its
 base model fed in the engine's layout (:class:`PackedBase` packs and unpacks), so the pixel
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from saei_fast._attack_model import unwrap_peft
+from saei_fast._attack_model import unwrap_peft, with_position_ids
 
 
 def check_engine(engine: object) -> bool:
@@ -58,16 +59,15 @@ class PackedBase(torch.nn.Module):
         position_ids: torch.Tensor | None = None,
         **fields,
     ) -> BaseModelOutputWithPast:
-        if position_ids is None:
-            raise ValueError(
-                "use_remove_padding needs the rows' position_ids (sequence starts are where "
-                "they restart at 0), as verl computes them"
-            )
         real = (
             attention_mask.bool()
             if attention_mask is not None
             else torch.ones_like(input_ids, dtype=torch.bool)
         )
+        if position_ids is None:
+            position_ids = self._engine_position_ids(input_ids, real, fields)
+        # Only the positions read it; it is per row and would not match the packed row.
+        fields.pop("mm_token_type_ids", None)
         if position_ids.dim() == 3:  # [k, B, L] -> [k, 1, nnz]
             packed_positions = position_ids[:, real].unsqueeze(1)
         else:  # [B, L] -> [1, nnz]
@@ -87,6 +87,15 @@ class PackedBase(torch.nn.Module):
         return BaseModelOutputWithPast(
             last_hidden_state=padded.masked_scatter(real.unsqueeze(-1), hidden[0])
         )
+
+    def _engine_position_ids(self, input_ids, real, fields) -> torch.Tensor:
+        """verl's layout for a batch that brings none: the text positions of every row (0 at
+        its first real token, which is where a packed sequence starts), then the model's own
+        multimodal RoPE positions (``[4, B, L]``; ``[B, L]`` without multimodal RoPE)."""
+        text = (real.long().cumsum(-1) - 1).clamp(min=0)
+        batch = {"input_ids": input_ids, "attention_mask": real.long(), **fields}
+        vision = with_position_ids(self.base, batch).get("position_ids")
+        return text if vision is None else torch.cat([text[None], vision])
 
 
 class EngineModel(torch.nn.Module):
