@@ -133,6 +133,33 @@ def test_reattached_workers_compute_the_pixel_gradient(ray_cluster, actor_worker
     assert ray_cluster.get(other.dispatcher().num_calls.remote()) == 2
 
 
+def test_a_failing_rank_fails_every_waiting_group(ray_cluster, actor_workers):
+    """Rank 1 gets a group it refuses (no completion token): both groups of the call get
+    the error, through Ray and the dispatcher, and the workers answer the next call."""
+    from _tiny_actor import MODEL_SEED
+
+    model = _tiny_chat.model(_tiny_chat.processor(), seed=MODEL_SEED)
+    processor = tiny_qwen_image_processor()
+    space = pixels.from_processor(processor)
+    (good, bad), _ = _groups(model, processor, seeds=(4, 5))
+    bad = {**bad, "completion_mask": torch.zeros_like(bad["completion_mask"])}
+    client = RayAttackClient(actor_workers.worker_names, ROLE, timeout_s=300)
+
+    async def both(second):
+        return await asyncio.gather(
+            client.attack([good], space=space, config=AttackConfig()),
+            client.attack([second], space=space, config=AttackConfig()),
+            return_exceptions=True,
+        )
+
+    errors = asyncio.run(both(bad))
+    for error in errors:
+        assert isinstance(error, RuntimeError)
+        assert "failed" in str(error) and "marks no completion tokens" in str(error)
+    results = asyncio.run(both(good))
+    assert all(isinstance(result, list) for result in results)
+
+
 LOAD_GROUPS = 256
 
 
