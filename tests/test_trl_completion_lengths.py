@@ -19,10 +19,11 @@ import pytest
 import torch
 from trl_helpers import GROUP, N_ADV, Rewards, make_config, no_stop_tokens
 
+import saei_fast.integrations.trl as integration
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import to_dataset
 from saei_fast.integrations.trl import SaEIGRPOTrainer
-from saei_fast.reference import entropy_reference
+from saei_fast.reference import entropy_reference, naive_attack_objective
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
@@ -38,10 +39,12 @@ LENGTHS = [[5, 2, 1, 4], [3, 5, 2, 5], [2, 3, 1, 2], [3, 1, 2, 3]]
 
 class EarlyEnd:
     """Cuts the completions of every ``generate`` call at the lengths in ``LENGTHS``: the
-    end token at the last position, padding after it. Records each call's completions."""
+    end token at the last position, padding after it. Records each call's inputs and
+    completions."""
 
     def __init__(self, model, eos: int, pad: int) -> None:
         self.calls: list[torch.Tensor] = []
+        self.inputs: list[dict] = []
         original = model.generate
 
         def generate(*args, **kwargs):
@@ -53,6 +56,7 @@ class EarlyEnd:
                     output[row, prompt + length - 1] = eos
                     output[row, prompt + length :] = pad
             self.calls.append(output[:, prompt:].clone())
+            self.inputs.append({k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)})
             return output
 
         model.generate = generate  # this instance only
@@ -103,9 +107,58 @@ def short_run(processor, examples, tmp_path_factory):
         return loss
 
     trainer.compute_loss = recording
-    trainer.train()
+    attacks = []
+    original_attack = integration.entropy_attack
+
+    def attack(model, inputs, completion_mask, *, config, **kwargs):
+        # The naive objective of a batch built here from the clean generate call, with the
+        # model as the attack finds it.
+        batch, mask = _clean_rows_batch(crafted.inputs[-1], crafted.calls[-1], eos, pad)
+        training = model.training
+        model.eval()
+        with torch.no_grad():
+            naive, _ = naive_attack_objective(
+                model, batch, mask, band=config.band, scope=config.scope,
+                group_size=config.group_size, temperature=config.temperature,
+            )  # fmt: skip
+        model.train(training)
+        result = original_attack(model, inputs, completion_mask, config=config, **kwargs)
+        attacks.append({"naive": float(naive), "result": result, "mask": mask})
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(integration, "entropy_attack", attack)
+        trainer.train()
     logs = [entry for entry in trainer.state.log_history if "reward" in entry]
-    return {"trainer": trainer, "crafted": crafted, "losses": losses, "logs": logs, "eos": eos}
+    return {
+        "trainer": trainer,
+        "crafted": crafted,
+        "losses": losses,
+        "logs": logs,
+        "eos": eos,
+        "attacks": attacks,
+    }
+
+
+def _clean_rows_batch(generate_inputs, completions, eos, pad):
+    """Prompt + completion rows of one generate call, the completions cut after their
+    first end token and right-padded (as the trainers lay them out), and their mask."""
+    prompt = generate_inputs["input_ids"]
+    rows = [list(_trimmed(row, eos)) for row in completions]
+    width = max(map(len, rows))
+    tail = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+    real = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    batch = {
+        "input_ids": torch.cat([prompt, tail], 1),
+        "attention_mask": torch.cat([generate_inputs["attention_mask"], real], 1),
+        "pixel_values": generate_inputs["pixel_values"],
+        "image_grid_thw": generate_inputs["image_grid_thw"],
+        "mm_token_type_ids": torch.cat(
+            [generate_inputs["mm_token_type_ids"], torch.zeros_like(tail)], 1
+        ),
+    }
+    mask = torch.cat([torch.zeros_like(prompt, dtype=torch.bool), real.bool()], 1)
+    return batch, mask
 
 
 @torch.no_grad()
@@ -189,3 +242,15 @@ def test_entropy_split_metrics_ignore_padding(short_run, step):
         assert padded != pytest.approx(expected, rel=1e-2)
     assert entry["entropy"] == pytest.approx(float(entropies[mask].mean()), rel=1e-5)
     assert sum(LENGTHS[2 * step]) + sum(LENGTHS[2 * step + 1]) == int(mask.sum())
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_attack_objective_over_early_ending_completions(short_run, step):
+    """The attack measures the band objective over the clean rows' real completion tokens
+    (end token included, padding not): the naive full-logits objective of the same rows."""
+    attack = short_run["attacks"][step]
+    lengths = attack["mask"].sum(1).tolist()
+    assert sorted(lengths) == sorted(LENGTHS[2 * step])
+    result = attack["result"]
+    assert result.entropy_before == pytest.approx(attack["naive"], rel=1e-4)
+    assert short_run["logs"][step]["saei/entropy_before"] == pytest.approx(result.entropy_before)
