@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.fsdp import FSDPModule
 from trl_helpers import Rewards, make_config
 
 import saei_fast.integrations.trl as integration
@@ -58,9 +59,32 @@ def test_one_process_and_ddp_are_no_special_setup(kind):
     assert parallel_setup(SimpleNamespace(distributed_type=DistributedType(kind))) is None
 
 
+def test_a_model_sharded_before_the_trainer_is_fsdp2(processor, examples, tmp_path):
+    """torch's ``fully_shard`` swaps the module's class for a subclass of ``FSDPModule``
+    (it needs a process group and a device mesh, so the swap is made by hand here). The
+    trainer refuses such a model before TRL's constructor uses it."""
+    model = demo_model(processor, hidden_size=32, seed=0)
+    assert parallel_setup(SimpleNamespace(distributed_type=DistributedType.NO), model) is None
+    layer = model.model.language_model.layers[0]
+    layer.__class__ = type(f"FSDP{type(layer).__name__}", (FSDPModule, type(layer)), {})
+    assert parallel_setup(SimpleNamespace(distributed_type=DistributedType.NO), model) == "FSDP2"
+    with pytest.raises(ValueError, match="saei_enabled=True is not supported with FSDP2"):
+        SaEIGRPOTrainer(
+            model=model,
+            reward_funcs=Rewards(),
+            args=make_config(tmp_path),
+            train_dataset=to_dataset(examples),
+            processing_class=processor,
+        )
+
+
 def build(processor, examples, tmp_path, monkeypatch, setup: str, **settings):
     """The trainer, constructed with accelerate's state replaced by ``STATES[setup]``."""
-    monkeypatch.setattr(integration, "parallel_setup", lambda _state: parallel_setup(STATES[setup]))
+    monkeypatch.setattr(
+        integration,
+        "parallel_setup",
+        lambda state, _model: parallel_setup(STATES[setup]) if state is not None else None,
+    )
     return SaEIGRPOTrainer(
         model=demo_model(processor, hidden_size=32, seed=0),
         reward_funcs=Rewards(),

@@ -19,13 +19,22 @@ DeepSpeed.
 
 from __future__ import annotations
 
+import torch
 from accelerate.utils import DistributedType
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 
-def parallel_setup(state: object) -> str | None:
+def parallel_setup(state: object, model: torch.nn.Module | None = None) -> str | None:
     """The name of a sharding or engine-driven setup in accelerate's ``state``
-    (``"FSDP1"``, ``"FSDP2"``, ``"DeepSpeed ZeRO-<stage>"``, ``"Megatron-LM"``), or None for
-    one process and DDP."""
+    (``"FSDP1"``, ``"FSDP2"``, ``"DeepSpeed ZeRO-<stage>"``, ``"Megatron-LM"``), or of a
+    ``model`` sharded before it reached the trainer (torch's ``fully_shard``, or DTensor
+    parameters), or None for one process and DDP."""
+    if model is not None:
+        if any(isinstance(module, FSDPModule) for module in model.modules()):
+            return "FSDP2"
+        if any(isinstance(param, DTensor) for param in model.parameters()):
+            return "sharded (DTensor) parameters"
     kind = getattr(state, "distributed_type", None)
     if kind == DistributedType.FSDP:
         plugin = getattr(state, "fsdp_plugin", None)
@@ -56,3 +65,18 @@ def fused_refusal(setup: str | None) -> str | None:
         f"under {setup} the engine's own forward and backward must run (they run in one "
         "process or under DDP)"
     )
+
+
+def refuse(setup: str | None, config) -> None:
+    """Raise ``ValueError`` naming the setting for what ``config`` (a ``SaEIConfig``) asks
+    and ``setup`` cannot run."""
+    if setup is None:
+        return
+    if config.saei_enabled and (reason := sampling_refusal(setup)) is not None:
+        raise ValueError(
+            f"saei_enabled=True is not supported with {setup}: {reason}; train with DDP (or "
+            "DeepSpeed ZeRO-2) or set saei_enabled=False"
+        )
+    for name in ("saei_fused_head", "saei_fused_loss"):
+        if getattr(config, name) and (reason := fused_refusal(setup)) is not None:
+            raise ValueError(f"{name}=True is not supported here: {reason}")

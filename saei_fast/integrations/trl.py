@@ -66,7 +66,8 @@ from saei_fast.integrations._checkpointing import (
 from saei_fast.integrations._fused_head import FusedHead, fused_head_for, unsupported_reason
 from saei_fast.integrations._fused_loss import GRPOTokenLoss
 from saei_fast.integrations._fused_loss import unsupported_reason as unsupported_loss_reason
-from saei_fast.integrations._parallel import fused_refusal, parallel_setup, sampling_refusal
+from saei_fast.integrations._parallel import fused_refusal, parallel_setup
+from saei_fast.integrations._parallel import refuse as refuse_setup
 from saei_fast.integrations._rows import (
     RowImage,
     adversarial_images,
@@ -339,6 +340,9 @@ class SaEIGRPOTrainer(GRPOTrainer):
                         "responses to one image per prompt"
                     )
             _check_vllm_images(config, bound.get("processing_class"))
+        if isinstance(bound.get("model"), torch.nn.Module):
+            # A model sharded before it got here (torch's fully_shard), before TRL uses it.
+            refuse_setup(parallel_setup(None, bound["model"]), config)
         super().__init__(*args, **kwargs)
         self._saei_space = None
         self._saei_attack_config = None
@@ -355,12 +359,8 @@ class SaEIGRPOTrainer(GRPOTrainer):
         self._saei_last_adversarial = None  # is_adversarial of the latest SaEI generation
         self._saei_loss_rows = None  # (is_adversarial, token mask) of the loss forward
         # FSDP / DeepSpeed, read from accelerate's state (see _parallel).
-        self._saei_setup = parallel_setup(self.accelerator.state)
-        if config.saei_enabled and (reason := sampling_refusal(self._saei_setup)) is not None:
-            raise ValueError(
-                f"saei_enabled=True is not supported with {self._saei_setup}: {reason}; "
-                "train with DDP (or DeepSpeed ZeRO-2) or set saei_enabled=False"
-            )
+        self._saei_setup = parallel_setup(self.accelerator.state, self.model)
+        refuse_setup(self._saei_setup, config)
         self._saei_fused_head = self._saei_resolve_fused_head(config.saei_fused_head)
         if config.saei_fused_loss:
             self._saei_check_fused_loss()
@@ -368,14 +368,13 @@ class SaEIGRPOTrainer(GRPOTrainer):
         self._saei_pending_loss = None  # the GRPOTokenLoss of the running loss forward
 
     def _saei_resolve_fused_head(self, setting: bool | None) -> bool:
-        refusal = fused_refusal(self._saei_setup)
         if setting is None:
-            # Off on accelerators until a GPU benchmark shows ours at least as fast as TRL's.
-            setting = self.accelerator.device.type == "cpu" and refusal is None
+            # Off on accelerators until a GPU benchmark shows ours at least as fast as TRL's,
+            # and wherever an explicit True is refused (FSDP, DeepSpeed).
+            cpu = self.accelerator.device.type == "cpu"
+            setting = cpu and fused_refusal(self._saei_setup) is None
         if not setting:
             return False
-        if refusal is not None:
-            raise ValueError(f"saei_fused_head=True is not supported here: {refusal}")
         reason = unsupported_reason(self.model)
         if reason is not None:
             logger.warning("saei_fused_head: using TRL's head instead, since %s.", reason)
@@ -384,11 +383,7 @@ class SaEIGRPOTrainer(GRPOTrainer):
 
     def _saei_check_fused_loss(self) -> None:
         """saei_fused_loss=True is refused at construction where it cannot be exact."""
-        reason = (
-            fused_refusal(self._saei_setup)
-            or unsupported_loss_reason(self)
-            or unsupported_reason(self.model)
-        )
+        reason = unsupported_loss_reason(self) or unsupported_reason(self.model)
         if reason is not None:
             raise ValueError(f"saei_fused_loss=True is not supported here: {reason}")
 
