@@ -5,7 +5,8 @@ checkpointing off for generation and back on when the context exits normally. Th
 runs inside that context, and it backpropagates through the whole model: without
 checkpointing it keeps every layer's activations for its micro-batch, where the training
 step with ``gradient_checkpointing=True`` keeps one layer's. :func:`checkpointing_state`
-switches checkpointing on for the attack and puts back the state it found, also on error.
+switches checkpointing on for the attack and puts back the state it found, also on error;
+:func:`model_for_attack` is the trainer's whole context for the attack.
 """
 
 from __future__ import annotations
@@ -87,3 +88,32 @@ def checkpointing_state(
     finally:
         if is_checkpointing(model) != found:
             switch_checkpointing(model, found, kwargs)
+
+
+@contextlib.contextmanager
+def model_for_attack(trainer) -> Iterator[torch.nn.Module]:
+    """The model a ``GRPOTrainer``'s attack runs on: TRL's generation context (unwrapped,
+    DeepSpeed ZeRO-3 parameters gathered, FSDP1 root parameters summoned, as for TRL's
+    generation), with activation checkpointing as the trainer's training step has it."""
+    # Here, not at the top: the benchmarks use this module's switches without TRL installed.
+    from trl.models import unwrap_model_for_generation
+
+    on, kwargs = trainer_checkpointing(trainer.args)
+    wrapped = trainer.model_wrapped
+    unwrapped = trainer.accelerator.unwrap_model(wrapped)
+    # TRL's generation context turns checkpointing off and back on only when it exits
+    # normally: the outer guard restores it after an error too.
+    with (
+        checkpointing_state(unwrapped, is_checkpointing(unwrapped), kwargs),
+        unwrap_model_for_generation(
+            wrapped,
+            trainer.accelerator,
+            gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+        ) as model,
+        trainer._dist.summon_full_params(wrapped, recurse=False),
+        # The attack backpropagates through the whole model: with the trainer's
+        # checkpointing it keeps one layer's activations, as the training step does.
+        checkpointing_state(model, on, kwargs),
+    ):
+        yield model

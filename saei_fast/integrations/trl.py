@@ -42,7 +42,6 @@ tokens, which vLLM expands again (see :mod:`saei_fast.integrations._vllm_prompts
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import statistics
 import warnings
@@ -54,15 +53,10 @@ from accelerate.logging import get_logger
 from packaging.version import Version
 from transformers import ProcessorMixin
 from trl import GRPOConfig, GRPOTrainer
-from trl.models import unwrap_model_for_generation
 
 from saei_fast import pixels
 from saei_fast.attack import PERTURBATIONS, SCOPES, AttackConfig, entropy_attack
-from saei_fast.integrations._checkpointing import (
-    checkpointing_state,
-    is_checkpointing,
-    trainer_checkpointing,
-)
+from saei_fast.integrations._checkpointing import model_for_attack
 from saei_fast.integrations._fused_head import FusedHead, fused_head_for, unsupported_reason
 from saei_fast.integrations._fused_loss import GRPOTokenLoss
 from saei_fast.integrations._fused_loss import unsupported_reason as unsupported_loss_reason
@@ -507,26 +501,7 @@ class SaEIGRPOTrainer(GRPOTrainer):
             device=device,
         )
         generator = self._saei_generator() if self.args.saei_perturbation == "random" else None
-        checkpointing_on, checkpointing = trainer_checkpointing(self.args)
-        unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
-        with contextlib.ExitStack() as stack:
-            # TRL's generation context turns activation checkpointing off and back on only
-            # when it exits normally: the outer guard restores it after an error too.
-            stack.enter_context(
-                checkpointing_state(unwrapped, is_checkpointing(unwrapped), checkpointing)
-            )
-            model = stack.enter_context(
-                unwrap_model_for_generation(
-                    self.model_wrapped,
-                    self.accelerator,
-                    gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                    gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-                )
-            )
-            stack.enter_context(self._dist.summon_full_params(self.model_wrapped, recurse=False))
-            # The attack backpropagates through the whole model: with the trainer's
-            # checkpointing it keeps one layer's activations, as the training step does.
-            stack.enter_context(checkpointing_state(model, checkpointing_on, checkpointing))
+        with model_for_attack(self) as model:
             result = entropy_attack(
                 model,
                 batch,
