@@ -15,30 +15,16 @@ from collections import Counter
 import pytest
 import torch
 from trl_helpers import GROUP, N_ADV, ModelRecorder, Rewards, make_config, no_stop_tokens
+from trl_variations import plain_entropies
 
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import to_dataset
 from saei_fast.integrations.trl import SaEIGRPOTrainer
-from saei_fast.reference import entropy_reference
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
     pytest.mark.usefixtures("one_thread"),
 ]
-
-
-@torch.no_grad()
-def _plain_entropies(model, inputs):
-    completion = inputs["completion_ids"]
-    batch = {
-        "input_ids": torch.cat([inputs["prompt_ids"], completion], 1),
-        "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
-        "pixel_values": inputs["pixel_values"],
-        "image_grid_thw": inputs["image_grid_thw"],
-        "mm_token_type_ids": inputs["mm_token_type_ids"],
-    }
-    logits = model(**batch).logits[:, -completion.shape[1] - 1 : -1]
-    return entropy_reference(logits)
 
 
 def test_adversarial_flags_travel_with_shuffled_rows_into_micro_batches(
@@ -68,7 +54,7 @@ def test_adversarial_flags_travel_with_shuffled_rows_into_micro_batches(
 
     def recording(model, inputs, *args, **kwargs):
         record = {k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)}
-        record["entropies"] = _plain_entropies(trainer.model, inputs)
+        record["entropies"] = plain_entropies(trainer.model, inputs)
         micro_batches.append(record)
         return compute_loss(model, inputs, *args, **kwargs)
 

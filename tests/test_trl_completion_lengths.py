@@ -18,12 +18,13 @@ from collections import Counter
 import pytest
 import torch
 from trl_helpers import GROUP, N_ADV, Rewards, make_config, no_stop_tokens
+from trl_variations import GenerateRecorder, generate_rows_batch, plain_entropies, trimmed
 
 import saei_fast.integrations.trl as integration
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import to_dataset
 from saei_fast.integrations.trl import SaEIGRPOTrainer
-from saei_fast.reference import entropy_reference, naive_attack_objective
+from saei_fast.reference import naive_attack_objective
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
@@ -37,35 +38,18 @@ MAX_LENGTH = 5
 LENGTHS = [[5, 2, 1, 4], [3, 5, 2, 5], [2, 3, 1, 2], [3, 1, 2, 3]]
 
 
-class EarlyEnd:
-    """Cuts the completions of every ``generate`` call at the lengths in ``LENGTHS``: the
-    end token at the last position, padding after it. Records each call's inputs and
-    completions."""
+def _cut_early(eos: int, pad: int):
+    """A ``GenerateRecorder`` edit: the completions of call ``i`` cut at ``LENGTHS[i]``, the
+    end token at the last position, padding after it."""
 
-    def __init__(self, model, eos: int, pad: int) -> None:
-        self.calls: list[torch.Tensor] = []
-        self.inputs: list[dict] = []
-        original = model.generate
+    def edit(call: int, output: torch.Tensor, prompt: int) -> None:
+        assert output.shape[1] - prompt == MAX_LENGTH  # stop tokens suppressed
+        for row, length in enumerate(LENGTHS[call]):
+            if length < MAX_LENGTH:
+                output[row, prompt + length - 1] = eos
+                output[row, prompt + length :] = pad
 
-        def generate(*args, **kwargs):
-            output = original(*args, **kwargs).clone()
-            prompt = kwargs["input_ids"].shape[1]
-            assert output.shape[1] - prompt == MAX_LENGTH  # stop tokens suppressed
-            for row, length in enumerate(LENGTHS[len(self.calls)]):
-                if length < MAX_LENGTH:
-                    output[row, prompt + length - 1] = eos
-                    output[row, prompt + length :] = pad
-            self.calls.append(output[:, prompt:].clone())
-            self.inputs.append({k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)})
-            return output
-
-        model.generate = generate  # this instance only
-
-
-def _trimmed(ids: torch.Tensor, eos: int) -> tuple[int, ...]:
-    """A completion up to and including its first end token (all of it without one)."""
-    ids = ids.tolist()
-    return tuple(ids[: ids.index(eos) + 1] if eos in ids else ids)
+    return edit
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +62,7 @@ def short_run(processor, examples, tmp_path_factory):
         model.lm_head.weight.mul_(30.0)
     eos, pad = processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id
     assert eos != pad
-    crafted = EarlyEnd(model, eos, pad)
+    crafted = GenerateRecorder(model, _cut_early(eos, pad))
     config = make_config(
         tmp_path_factory.mktemp("short"),
         max_completion_length=MAX_LENGTH,
@@ -102,7 +86,7 @@ def short_run(processor, examples, tmp_path_factory):
         loss = compute_loss(model, inputs, *args, **kwargs)
         record = {k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)}
         record["loss"] = loss.detach().clone()
-        record["entropies"] = _plain_entropies(trainer.model, inputs, config.temperature)
+        record["entropies"] = plain_entropies(trainer.model, inputs, config.temperature)
         losses.append(record)
         return loss
 
@@ -113,7 +97,7 @@ def short_run(processor, examples, tmp_path_factory):
     def attack(model, inputs, completion_mask, *, config, **kwargs):
         # The naive objective of a batch built here from the clean generate call, with the
         # model as the attack finds it.
-        batch, mask = _clean_rows_batch(crafted.inputs[-1], crafted.calls[-1], eos, pad)
+        batch, mask = generate_rows_batch(crafted.inputs[-1], crafted.completions[-1], eos, pad)
         training = model.training
         model.eval()
         with torch.no_grad():
@@ -140,50 +124,12 @@ def short_run(processor, examples, tmp_path_factory):
     }
 
 
-def _clean_rows_batch(generate_inputs, completions, eos, pad):
-    """Prompt + completion rows of one generate call, the completions cut after their
-    first end token and right-padded (as the trainers lay them out), and their mask."""
-    prompt = generate_inputs["input_ids"]
-    rows = [list(_trimmed(row, eos)) for row in completions]
-    width = max(map(len, rows))
-    tail = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
-    real = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
-    batch = {
-        "input_ids": torch.cat([prompt, tail], 1),
-        "attention_mask": torch.cat([generate_inputs["attention_mask"], real], 1),
-        "pixel_values": generate_inputs["pixel_values"],
-        "image_grid_thw": generate_inputs["image_grid_thw"],
-        "mm_token_type_ids": torch.cat(
-            [generate_inputs["mm_token_type_ids"], torch.zeros_like(tail)], 1
-        ),
-    }
-    mask = torch.cat([torch.zeros_like(prompt, dtype=torch.bool), real.bool()], 1)
-    return batch, mask
-
-
-@torch.no_grad()
-def _plain_entropies(model, inputs, temperature):
-    """Entropy (float64) of every completion position's next-token distribution, from a
-    plain forward of the model over the full logits."""
-    completion = inputs["completion_ids"]
-    batch = {
-        "input_ids": torch.cat([inputs["prompt_ids"], completion], 1),
-        "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
-        "pixel_values": inputs["pixel_values"],
-        "image_grid_thw": inputs["image_grid_thw"],
-    }
-    if "mm_token_type_ids" in inputs:
-        batch["mm_token_type_ids"] = inputs["mm_token_type_ids"]
-    logits = model(**batch).logits[:, -completion.shape[1] - 1 : -1]
-    return entropy_reference(logits, temperature=temperature)
-
-
 def test_completions_end_where_crafted_and_the_batch_is_narrower(short_run):
     eos = short_run["eos"]
     losses = short_run["losses"]
-    assert len(losses) == 2 and len(short_run["crafted"].calls) == 4
+    assert len(losses) == 2 and len(short_run["crafted"].completions) == 4
     for step, record in enumerate(losses):
-        lengths = [len(_trimmed(row, eos)) for row in record["completion_ids"]]
+        lengths = [len(trimmed(row, eos)) for row in record["completion_ids"]]
         crafted = LENGTHS[2 * step] + LENGTHS[2 * step + 1]
         assert sorted(lengths) == sorted(crafted)
         assert record["completion_ids"].shape[1] == max(crafted)
@@ -197,17 +143,17 @@ def _loss_rows(short_run, step):
     eos = short_run["eos"]
     record = short_run["losses"][step]
     ids = record["completion_ids"]
-    lengths = torch.tensor([len(_trimmed(row, eos)) for row in ids])
+    lengths = torch.tensor([len(trimmed(row, eos)) for row in ids])
     mask = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
     adversarial = record["saei_is_adversarial"].bool()
     # The (completion, arm) pairs of the loss rows are those the two generate calls
     # returned: clean call -> clean rows, adversarial call -> adversarial rows.
-    clean_call, adv_call = short_run["crafted"].calls[2 * step : 2 * step + 2]
+    clean_call, adv_call = short_run["crafted"].completions[2 * step : 2 * step + 2]
     expected = Counter(
-        [(_trimmed(row, eos), False) for row in clean_call]
-        + [(_trimmed(row, eos), True) for row in adv_call]
+        [(trimmed(row, eos), False) for row in clean_call]
+        + [(trimmed(row, eos), True) for row in adv_call]
     )
-    got = Counter((_trimmed(row, eos), bool(a)) for row, a in zip(ids, adversarial, strict=True))
+    got = Counter((trimmed(row, eos), bool(a)) for row, a in zip(ids, adversarial, strict=True))
     assert got == expected
     assert int(adversarial.sum()) == 2 * N_ADV and len(ids) == 2 * GROUP
     return record, lengths, mask, adversarial
