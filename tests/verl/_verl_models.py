@@ -8,9 +8,10 @@
   stacks them. verl binds the model's ``get_rope_index`` to its processor when it loads one
   from a checkpoint (``verl.utils.tokenizer.hf_processor``); :func:`rope_processor` makes the
   same binding for a model built in code.
-- :func:`varlen_attention`: a float64 stand-in for flash-attn's ``flash_attn_varlen_func``
-  (a GPU-only kernel), so verl's patched Qwen2/2.5-VL attention (``qwen2_vl_attn_forward``,
-  used with ``use_remove_padding``) runs on the CPU; everything around it is verl's code.
+- :func:`varlen_attention` / :func:`dense_attention`: float64 stand-ins for flash-attn's
+  ``flash_attn_varlen_func`` (several packed sequences) and transformers' flash-attn call
+  (one), GPU-only kernels, so verl's patched Qwen2/2.5-VL attention (``qwen2_vl_attn_forward``,
+  used with ``use_remove_padding``) runs on the CPU; everything around them is verl's code.
 """
 
 from __future__ import annotations
@@ -170,6 +171,17 @@ def varlen_attention(
     return torch.cat(outputs)
 
 
+def dense_attention(q, k, v, attention_mask, query_length, is_causal=True, **kwargs):
+    """transformers' ``_flash_attention_forward`` contract for one unpadded sequence per row
+    (``[B, L, heads, dim]``, no mask), which verl's attention calls when the packed row holds
+    a single sequence; computed with PyTorch's sdpa."""
+    assert attention_mask is None and kwargs.get("dropout", 0.0) == 0.0
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=is_causal
+    )
+    return out.transpose(1, 2)
+
+
 @contextlib.contextmanager
 def cpu_varlen_kernel(monkeypatch) -> Iterator[list]:
     """verl's Qwen2-VL attention module with :func:`varlen_attention` in flash-attn's place
@@ -184,6 +196,7 @@ def cpu_varlen_kernel(monkeypatch) -> Iterator[list]:
         return varlen_attention(*args, **kwargs)
 
     monkeypatch.setattr(qwen2_vl, "flash_attn_varlen_func", counted, raising=False)
+    monkeypatch.setattr(qwen2_vl, "_flash_attention_forward", dense_attention)
     monkeypatch.setattr(qwen2_vl, "_flash_supports_window_size", False, raising=False)
     monkeypatch.setattr(qwen2_vl, "_flash_supports_deterministic", False, raising=False)
     monkeypatch.setattr(qwen2_vl, "_flash_use_top_left_mask", False, raising=False)

@@ -6,10 +6,12 @@ models unpatched (float64, so "same pixels" is exact and gradients agree to roun
   computes no multimodal RoPE positions).
 - The actor's attack (``saei_attack_on``) fed as verl's engine feeds the model: verl's own
   position ids, ``use_remove_padding`` off (padded rows) and on (rows packed into one).
-  Qwen2/2.5-VL's patched attention calls flash-attn's varlen kernel with packed rows, which
-  exists only on GPUs: here a float64 sdpa stand-in takes its place
-  (``_verl_models.varlen_attention``) and verl's attention code around it runs as is; the
-  kernel itself is exercised by ``bench/gpu_verl_check.sh``. Qwen3-VL's patch keeps
+  Qwen2/2.5-VL's patched attention calls flash-attn's kernels with packed rows (varlen for
+  several sequences, the dense one for a single sequence), which exist only on GPUs: here
+  float64 sdpa stand-ins take their place (``_verl_models``) and verl's attention code
+  around them runs as is; the kernels themselves are exercised by
+  ``bench/gpu_verl_check.sh``. The attack runs in micro-batches of 2 of a group's 3 rows, so
+  positions and packing are cut per micro-batch. Qwen3-VL's patch keeps
   transformers' attention, which runs packed rows on the CPU with sdpa.
 """
 
@@ -99,12 +101,13 @@ def _groups(batch, position_ids):
     return groups
 
 
-def _worker_attack(model, space, groups, *, remove_padding, mode="attack"):
+def _worker_attack(model, space, groups, *, remove_padding, mode="attack", micro_batch_size=None):
     column = np.empty(len(groups), dtype=object)
     column[:] = groups
+    config = AttackConfig(micro_batch_size=micro_batch_size)
     data = DataProto.from_dict(
         non_tensors={"saei_group": column},
-        meta_info={"saei_space": space, "saei_config": AttackConfig(), "saei_mode": mode},
+        meta_info={"saei_space": space, "saei_config": config, "saei_mode": mode},
     )
     return list(
         saei_attack_on(model, data, remove_padding=remove_padding).non_tensor_batch["saei_result"]
@@ -144,11 +147,14 @@ def test_actor_attack_in_the_engine_layout_matches_the_unpatched_model(
         verl_patched(model, use_remove_padding=remove_padding),
         cpu_varlen_kernel(monkeypatch) as kernel_calls,
     ):
-        results = _worker_attack(model, space, groups, remove_padding=remove_padding)
+        # micro-batches of 2 of the 3 rows: positions and packing cut per micro-batch
+        results = _worker_attack(
+            model, space, groups, remove_padding=remove_padding, micro_batch_size=2
+        )
         grads = _worker_attack(model, space, groups, remove_padding=remove_padding, mode="gradient")
     if remove_padding and name != "qwen3_vl":
-        # verl's attention saw the group's rows packed, one sequence per row.
-        lengths = groups[0]["attention_mask"].sum(1).tolist()
+        # verl's attention saw the micro-batch's rows packed, one sequence per row.
+        lengths = groups[0]["attention_mask"][:2].sum(1).tolist()
         assert kernel_calls[0] == [0, *np.cumsum(lengths).tolist()]
     else:
         assert kernel_calls == []
