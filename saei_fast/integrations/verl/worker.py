@@ -16,8 +16,8 @@ responses (``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw
 
 The actor's parameters are frozen for the call and no parameter gradient is made
 (``entropy_attack`` does that), rows are micro-batched by ``AttackConfig.micro_batch_size``,
-and the module's train/eval mode is restored afterwards. Every rank runs the same number of
-groups (the caller pads), so FSDP's collectives line up.
+and the module's train/eval mode is restored afterwards. Every rank receives the same
+number of groups (the caller pads the call to a multiple of the ranks).
 
 The attack calls the model the engine holds (patched by verl's ``apply_monkey_patch``) with
 the inputs the engine's own forward passes: the rows' position ids as verl computed them
@@ -65,7 +65,9 @@ def run_groups(
     mode: str,
     run_padding: bool = False,
 ) -> list[dict | None]:
-    """Attack (or take the pixel gradient of) each group on ``model`` (the unwrapped HF VLM).
+    """Attack (or take the pixel gradient of) each group on ``model`` (a Hugging Face VLM,
+    or the engine's model as :class:`~saei_fast.integrations.verl.engine_model.EngineModel`
+    presents it).
 
     Every group is one call of the attack with ``group_size`` = its rows, so all rows of a
     group get one image; the result holds the first row's ``image_rows`` rows of
@@ -101,8 +103,6 @@ def run_groups(
                     "entropy_before": result.entropy_before,
                     "entropy_after": result.entropy_after,
                     "num_selected": result.num_selected,
-                    "group_entropy_before": float(result.group_entropy_before[0]),
-                    "group_entropy_after": float(result.group_entropy_after[0]),
                     "peak_memory_bytes": result.peak_memory_bytes,
                     "seconds": time.perf_counter() - started,
                 }
