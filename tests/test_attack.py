@@ -19,6 +19,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import saei_fast
 from saei_fast import AttackConfig, entropy_attack, pixels
 from saei_fast.attack import pixel_gradient
+from saei_fast.integrations._checkpointing import is_checkpointing, switch_checkpointing
 from saei_fast.reference import naive_attack_objective
 from saei_fast.testing import (
     random_images,
@@ -470,10 +471,8 @@ def test_head_sees_only_completion_positions(qwen, qwen_processor, qwen_space, m
 def test_gradient_checkpointing(qwen, qwen_processor, qwen_space, reentrant):
     model = tiny_qwen2_5_vl(dtype=torch.float64)  # same seed: the weights of `qwen`
     model.train()
-    # (transformers 5 renamed gradient_checkpointing_enable; both set the same layers)
-    model.activation_checkpointing_enable(
-        activation_checkpointing_kwargs={"use_reentrant": reentrant}
-    )
+    # Under whichever name the installed transformers has (5.24 renamed it).
+    switch_checkpointing(model, True, {"use_reentrant": reentrant})
     batch = _qwen_batch(model, qwen_processor, seed=6)
     config = AttackConfig(group_size=3, micro_batch_size=3)
     checkpointed = pixel_gradient(
@@ -482,7 +481,7 @@ def test_gradient_checkpointing(qwen, qwen_processor, qwen_space, reentrant):
     plain = pixel_gradient(
         qwen, batch.inputs, batch.completion_mask, space=qwen_space, config=config
     )
-    assert model.training and model.is_activation_checkpointing
+    assert model.training and is_checkpointing(model)
     assert all(p.requires_grad for p in model.parameters())
     assert torch.equal(checkpointed.band_mask, plain.band_mask)
     scale = float(plain.grad.abs().max())

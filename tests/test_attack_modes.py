@@ -14,6 +14,7 @@ import torch
 from saei_fast import AttackConfig, entropy_attack, pixels
 from saei_fast._row_layout import RowLayout
 from saei_fast.attack import pixel_gradient
+from saei_fast.integrations._checkpointing import switch_checkpointing
 from saei_fast.reference import naive_attack_objective
 from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
 
@@ -215,9 +216,7 @@ def test_dropout_is_off_during_the_attack_and_mode_is_restored(
 ):
     model = _with_dropout(tiny_qwen2_5_vl(dtype=torch.float64))  # the weights of `qwen`
     if checkpointing:
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+        switch_checkpointing(model, True, {"use_reentrant": False})
     batch = _batch(model, processor, seed=4)
     modes = {name: m.training for name, m in model.named_modules()}
     config = AttackConfig(group_size=3, micro_batch_size=3)
