@@ -158,6 +158,24 @@ def test_a_stuck_call_times_out_naming_the_setting():
     assert all("saei.attack_timeout_s=0.2" in str(error) for error in errors)
 
 
+def test_a_cancelled_sender_fails_its_requests_instead_of_leaving_them_waiting():
+    dispatcher = StandInDispatcher(stuck=True)
+    client = _client(dispatcher, wait_seconds=0.01)
+
+    async def main():
+        waiting = [
+            asyncio.ensure_future(client.attack([{"id": n}], space=_space(), config=config))
+            for n, config in enumerate((AttackConfig(), AttackConfig(alpha=3 / 255)))
+        ]
+        while not dispatcher.in_flight:
+            await asyncio.sleep(0.001)
+        client._sender.cancel()  # e.g. the agent-loop worker shutting down
+        return await asyncio.gather(*waiting, return_exceptions=True)
+
+    errors = asyncio.run(asyncio.wait_for(main(), 10))
+    assert all(isinstance(error, asyncio.CancelledError) for error in errors)
+
+
 @pytest.mark.parametrize("world_size", [1, 3, 4])
 @pytest.mark.parametrize("groups", [1, 2, 3, 5, 8, 9])
 def test_padding_up_to_a_multiple_of_the_ranks(world_size, groups):

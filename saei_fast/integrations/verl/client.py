@@ -172,6 +172,7 @@ class RayAttackClient:
         return list(await asyncio.gather(*futures))
 
     async def _send_while_pending(self) -> None:
+        taken: list = []
         try:
             while self._pending:
                 await asyncio.sleep(self.wait_seconds)
@@ -183,10 +184,8 @@ class RayAttackClient:
                     await self._send(items)
             # Returning with nothing pending and no await after the check: a request that
             # arrives from here on finds this task done and starts a new one.
-        except BaseException as error:  # a bug here must not leave requests waiting
-            for _, future in self._pending:
-                if not future.done():
-                    future.set_exception(error)
+        except BaseException as error:  # cancelled, or a bug: no request may be left waiting
+            _fail(taken + self._pending, error)
             self._pending = []
             raise
 
