@@ -67,6 +67,13 @@ def test_boundary_values_pass(key, value):
     settings_from_trainer_config(verl_saei_config(**{key: value}))
 
 
+def test_ulysses_sequence_parallel_is_refused_at_start_up():
+    key = "actor_rollout_ref.actor.ulysses_sequence_parallel_size"
+    settings_from_trainer_config(verl_saei_config(**{key: 1}))
+    with pytest.raises(ValueError, match=re.escape(f"{key} must be 1") + ".*got 2"):
+        settings_from_trainer_config(verl_saei_config(**{key: 2}))
+
+
 @pytest.mark.parametrize("value", [0, -1.0])
 def test_attack_timeout_must_be_positive(value):
     with pytest.raises(ValueError, match=r"saei\.attack_timeout_s"):

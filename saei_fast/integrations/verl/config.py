@@ -150,6 +150,14 @@ def settings_from_trainer_config(config: object) -> SaEISettings:
             f"({settings.n_clean}): validation samples clean images only"
         )
     _refuse_rollout_log_probs(config)
+    sp_size = _get(config, "actor_rollout_ref", "actor", "ulysses_sequence_parallel_size")
+    if isinstance(sp_size, int) and sp_size > 1:
+        # The actor's attack runs the model on whole rows; Ulysses splits each packed row
+        # over ranks inside the model's attention, an exchange the attack does not join.
+        raise ValueError(
+            "actor_rollout_ref.actor.ulysses_sequence_parallel_size must be 1 with SaEI's "
+            f"actor attack, got {sp_size}"
+        )
     return settings
 
 
