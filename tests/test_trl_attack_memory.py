@@ -21,6 +21,7 @@ from trl_attack_worker import (
     build_trainer,
     enable_training_checkpointing,
 )
+from trl_helpers import make_config
 
 import saei_fast.integrations.trl as integration
 from saei_fast.demo.model import demo_model
@@ -105,6 +106,30 @@ def test_checkpointing_is_restored_after_an_attack_error(
     assert seen == [True]  # on for the attack, inside TRL's generation context
     # TRL's context re-enables only on a normal exit; the trainer's guard did it here.
     assert is_checkpointing(trainer.model)
+
+
+@pytest.mark.parametrize(
+    ("rows", "n_clean", "setting", "expected"),
+    [
+        (8, 2, None, 8),  # whole groups: the training micro-batch's rows
+        (8, 3, None, 6),  # rounded down to whole groups of 3
+        (4, 6, None, 4),  # no group fits: the micro-batch's rows, band ranked first
+        (8, 2, 3, 3),  # an explicit setting wins
+    ],
+)
+def test_attack_passes_hold_a_training_micro_batchs_rows_at_most(
+    tmp_path, rows, n_clean, setting, expected
+):
+    config = make_config(
+        tmp_path,
+        num_generations=2 * n_clean,
+        saei_n_clean=n_clean,
+        saei_n_adv=n_clean,
+        per_device_train_batch_size=rows,
+        gradient_accumulation_steps=2 * n_clean,  # whole groups per process
+        saei_micro_batch_size=setting,
+    )
+    assert config.attack_config().micro_batch_size == expected
 
 
 @pytest.mark.skipif(not rss_tracking_available(), reason="needs Linux's resettable RSS peak")

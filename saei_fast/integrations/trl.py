@@ -142,7 +142,8 @@ class SaEIConfig(GRPOConfig):
         default=None,
         metadata={
             "help": "Rows per attack forward/backward pass (None: per_device_train_batch_size, "
-            "so that the attack's peak memory stays within a training micro-batch's)."
+            "rounded down to whole groups of saei_n_clean where one fits, so that the attack's "
+            "peak memory stays within a training micro-batch's)."
         },
     )
     saei_perturbation: str = field(
@@ -230,6 +231,15 @@ class SaEIConfig(GRPOConfig):
         """The :class:`saei_fast.AttackConfig` of these settings (entropies at the effective
         sampling temperature, one adversarial image per group of ``saei_n_clean`` clean
         rows)."""
+        rows = self.saei_micro_batch_size
+        if rows is None:
+            # A training micro-batch's rows at most: the attack's backward then needs no
+            # more memory than the training step's on the same rows (no parameter
+            # gradients). Whole groups where one fits, so that no extra pass ranks a
+            # group's band across passes.
+            rows = self.per_device_train_batch_size
+            if rows >= self.saei_n_clean:
+                rows -= rows % self.saei_n_clean
         return AttackConfig(
             alpha=self.saei_alpha,
             steps=self.saei_steps,
@@ -238,9 +248,7 @@ class SaEIConfig(GRPOConfig):
             scope=self.saei_scope,
             group_size=self.saei_n_clean,
             temperature=self.sampling_temperature(),
-            # A training micro-batch's rows at most: the attack's backward then needs no more
-            # memory than the training step's on the same rows (no parameter gradients).
-            micro_batch_size=self.saei_micro_batch_size or self.per_device_train_batch_size,
+            micro_batch_size=rows,
             measure_after=True,
             perturbation=self.saei_perturbation,
         )
