@@ -297,3 +297,56 @@ def test_per_token_op_over_chunks_with_position_dependent_upstream(impl, fused, 
         torch.testing.assert_close(
             ours.grad.double(), want.grad, rtol=1e-4, atol=2e-5, msg=f"grad {name}"
         )
+
+
+def _per_token_property_case(impl, fused, rows, width, chunk_rows, mask_kind, seed):
+    hidden, weight, bias, labels = _inputs(rows, width, 12, 29, seed=seed)
+    mask = _mask(mask_kind, rows, width, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 3)
+    g_lp, g_h = torch.randn(2, rows, width, generator=gen, dtype=torch.float64).to(DEVICE)
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    logp, ent = linear_logprobs_and_entropy_impl(
+        leaves[0], leaves[1], labels, bias=leaves[2], mask=mask, impl=impl, fused=fused,
+        chunk_rows=chunk_rows,
+    )  # fmt: skip
+    (g_lp.float() * logp + g_h.float() * ent).sum().backward()
+    truth = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    true_lp, true_h = linear_logprobs_and_entropy_reference(
+        truth[0], truth[1], labels, bias=truth[2], mask=mask
+    )
+    (g_lp * true_lp + g_h * true_h).sum().backward()
+    torch.testing.assert_close(logp.double(), true_lp.detach(), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(ent.double(), true_h.detach(), rtol=1e-5, atol=2e-5)
+    for name, ours, want in zip(("hidden", "weight", "bias"), leaves, truth, strict=True):
+        torch.testing.assert_close(ours.grad.double(), want.grad, rtol=1e-4, atol=2e-5, msg=name)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(1, 4),
+    width=st.integers(1, 8),
+    chunk_rows=st.integers(1, 10),
+    mask_kind=_mask_kinds,
+    seed=st.integers(0, 2**16),
+)
+def test_property_per_token_op_equals_unfused_for_any_chunking_and_mask(
+    rows, width, chunk_rows, mask_kind, seed
+):
+    """For any layout, chunk size and mask: the per-token op's values, and its gradients
+    under an upstream gradient different at every position, equal float64 autograd over the
+    full logits (PyTorch path)."""
+    _per_token_property_case("torch", True, rows, width, chunk_rows, mask_kind, seed)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(1, 3),
+    width=st.integers(2, 6),
+    chunk_rows=st.integers(1, 5),
+    mask_kind=_mask_kinds,
+    seed=st.integers(0, 2**16),
+)
+def test_property_triton_per_token_op_equals_unfused(rows, width, chunk_rows, mask_kind, seed):
+    """The same on the fused Triton kernels, whose backward reuses the one chunk of logits
+    kept by the forward and recomputes the others (few examples: the interpreter is slow)."""
+    _per_token_property_case("triton", True, rows, width, chunk_rows, mask_kind, seed)
