@@ -95,9 +95,10 @@ def with_position_ids(base: torch.nn.Module, inputs: dict) -> dict:
         return inputs
     accepted = inspect.signature(compute).parameters
     kwargs = {key: inputs.get(key) for key in _POSITION_FIELDS if key in accepted}
-    position_ids = compute(
-        input_ids=inputs["input_ids"], inputs_embeds=None, past_key_values=None, **kwargs
-    )
+    # No cache: positions from the first token (transformers 5.25 renamed past_key_values to
+    # cache and deprecated the old name).
+    kwargs.update({name: None for name in ("cache", "past_key_values") if name in accepted})
+    position_ids = compute(input_ids=inputs["input_ids"], inputs_embeds=None, **kwargs)
     return inputs if position_ids is None else {**inputs, "position_ids": position_ids}
 
 
