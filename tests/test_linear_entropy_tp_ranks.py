@@ -4,8 +4,8 @@ the unsharded op, with and without a mask.
 test_linear_entropy_tp.py runs 2 ranks, where the second shard's offset is also the first
 shard's size, and "the other rank" is one rank: a shard placed by ``sizes[0] * rank`` or by
 the previous rank's size alone, or a reduction that only pairs ranks, gives the right answer
-there. Three uneven shards (5, 16 and 16 rows of 37) tell those apart; one rank holding the
-whole vocabulary must give the unsharded values exactly.
+there. Three uneven shards (1, 20 and 16 rows of 37: a rank may hold a single vocabulary row)
+tell those apart; one rank holding the whole vocabulary must give the unsharded values.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
 
 V, D = 37, 16
-SHARDS = {1: [(0, 37)], 3: [(0, 5), (5, 21), (21, 37)]}
+SHARDS = {1: [(0, 37)], 3: [(0, 1), (1, 21), (21, 37)]}
 
 
 def _inputs(with_mask: bool):
@@ -31,7 +31,7 @@ def _inputs(with_mask: bool):
     weight = torch.randn(V, D, generator=gen) * 0.4
     bias = torch.randn(V, generator=gen)
     labels = torch.randint(0, V, (2, 6), generator=gen)
-    labels[0] = torch.tensor([0, 4, 5, 20, 21, 36])  # every shard edge
+    labels[0] = torch.tensor([0, 1, 2, 20, 21, 36])  # every shard edge
     mask = torch.rand(2, 6, generator=gen) > 0.3 if with_mask else None
     if mask is not None:
         mask[0] = True
