@@ -121,3 +121,53 @@ def test_uneven_group_split_layout_images_advantages_and_metrics(
         rows = arm["completions"]
         distinct = [len({tuple(r.tolist()) for r in rows[g * n : (g + 1) * n]}) for g in (0, 1)]
         assert metrics[f"saei/distinct_{name}"][-1] == pytest.approx(sum(distinct) / 2)
+
+
+def test_a_batch_of_one_prompt(processor, examples, tmp_path, monkeypatch):
+    """One prompt per generation batch (one group): the attack, the per-group metrics (a
+    median and a fraction over a single group) and the layout still hold."""
+    torch.manual_seed(0)
+    model = demo_model(processor, hidden_size=32, seed=0)
+    recorder = ModelRecorder(model)
+    trainer = SaEIGRPOTrainer(
+        model=model,
+        reward_funcs=Rewards(),
+        args=make_config(
+            tmp_path,
+            num_generations=GROUP,
+            saei_n_clean=2,
+            saei_n_adv=2,
+            per_device_train_batch_size=GROUP,
+            generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
+        ),
+        train_dataset=to_dataset(examples),
+        processing_class=processor,
+    )
+    results = []
+    original = integration.entropy_attack
+
+    def recording(*args, **kwargs):
+        results.append(original(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(integration, "entropy_attack", recording)
+    trainer.model.train()
+    inputs = [dict(trainer.train_dataset[1]) for _ in range(GROUP)]
+    output = trainer._generate_and_score_completions(inputs)
+
+    clean_call, adv_call = recorder.generate_calls
+    assert len(clean_call["input_ids"]) == 2 and len(adv_call["input_ids"]) == 2
+    (result,) = results
+    assert result.group_entropy_before.shape == (1,)
+    relative = float(result.group_entropy_after[0] / result.group_entropy_before[0] - 1)
+    metrics = trainer._metrics["train"]
+    assert metrics["saei/entropy_gain_relative"][-1] == pytest.approx(relative, rel=1e-9)
+    assert metrics["saei/gain_negative_fraction"][-1] == float(relative < 0)
+    clean = processor.image_processor([examples[1].image], return_tensors="pt")
+    space = saei_fast.pixels.from_processor(processor)
+    grid = clean["image_grid_thw"]
+    (own,) = space.to_images(clean["pixel_values"], image_grid_thw=grid)
+    for block in image_blocks(adv_call["pixel_values"]):
+        (adv,) = space.to_images(block, image_grid_thw=grid)
+        assert 0 < (adv - own).abs().max() <= ALPHA + 1e-5
+    assert output["saei_is_adversarial"].tolist() == [False, False, True, True]
