@@ -125,9 +125,8 @@ def load_report(device: torch.device, out: Path, path: str | None) -> list[dict]
     device's target family (compiling takes well under a minute on a GPU host's CPUs)."""
     if path:
         return json.loads(Path(path).read_text())
-    from saei_fast.kernels._plan import target_for
-
     from saei_fast.kernel_report.build import build_report
+    from saei_fast.kernels._plan import target_for
 
     target = target_for(device)
     # AMD targets keep their family's name; NVIDIA ones are named after the device (sm_89).
@@ -210,11 +209,11 @@ def tma_rows(device: torch.device, records: list[dict]) -> list[dict]:
     merge is a few microseconds), and their largest entropy / log-prob difference. Empty off
     sm_90 (the TMA forward runs there only)."""
     from gpu_linear import tma_device, tma_switch
+
+    from saei_fast.benchmarks.timing import interleaved
     from saei_fast.kernels._linear_config import chunk_rows, gemm_config
     from saei_fast.kernels._plan import target_for
     from saei_fast.kernels.linear_entropy import linear_entropy_fwd
-
-    from saei_fast.benchmarks.timing import interleaved
 
     if device.type != "cuda" or not tma_device(device):
         return []

@@ -13,6 +13,7 @@ import dataclasses
 import struct
 
 import triton
+
 from saei_fast.kernels._plan import Target
 
 RADIX_BITS = 8

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
 from saei_fast.kernels._band_radix import (
     _descend,
     _histogram,

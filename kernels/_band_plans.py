@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import triton
+
 from saei_fast.kernels._band_config import (
     NUM_BINS,
     RADIX_BITS,

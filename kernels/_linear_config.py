@@ -17,6 +17,7 @@ import dataclasses
 
 import torch
 import triton
+
 from saei_fast.kernels._plan import Target
 
 

@@ -12,6 +12,7 @@ import dataclasses
 
 import torch
 import triton
+
 from saei_fast.kernels._linear_config import (
     GemmConfig,
     chunk_rows,

@@ -38,6 +38,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from saei_fast.kernels._plan import TRITON_DTYPE, LaunchPlan, Target, target_for
 
 LOG2E_VALUE = 1.4426950408889634

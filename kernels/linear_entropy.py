@@ -61,6 +61,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from saei_fast.kernels._linear_config import (
     GemmConfig,
     elementwise,

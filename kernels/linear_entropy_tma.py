@@ -48,6 +48,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from saei_fast.kernels._linear_config import (
     GemmConfig,
     chunk_rows,
@@ -65,7 +67,6 @@ from saei_fast.kernels.linear_entropy import (
     forward_outputs,
     merge_splits,
 )
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 # The opt-in switch read by ``linear_entropy.linear_entropy_fwd``.
 TMA_ENV = "SAEI_LINEAR_TMA"

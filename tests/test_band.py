@@ -16,11 +16,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import saei_fast
 from saei_fast.kernels import band_select as band_kernels
 from saei_fast.kernels._plan import TARGETS
 from saei_fast.kernels.band_select import band_config, band_select, benchmark_plans
-
-import saei_fast
 from saei_fast.ops import _checks
 from saei_fast.ops.band import (
     SCOPES,

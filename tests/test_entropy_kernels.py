@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+
 from saei_fast.kernels._plan import TARGETS
 from saei_fast.kernels.entropy_logits import (
     BENCHMARK_SHAPES,
@@ -21,7 +22,6 @@ from saei_fast.kernels.entropy_logits import (
     entropy_fwd,
     lse_from_stats,
 )
-
 from saei_fast.reference import entropy_reference, logprobs_and_entropy_reference
 
 pytestmark = [
