@@ -11,21 +11,13 @@ import math
 
 import pytest
 import torch
+from op_helpers import DEVICE, IMPLS, INTERPRETER_WARNINGS
 
 import saei_fast
 from saei_fast.ops import entropy, logprobs_and_entropy
 from saei_fast.reference import entropy_reference, logprobs_and_entropy_reference
 
-# Triton's CPU interpreter evaluates both sides of tl.where in numpy and warns about the
-# side that is discarded (0 * inf, log 0).
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-]
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = ["torch", "triton"]
+pytestmark = INTERPRETER_WARNINGS
 
 
 def _gen(seed: int) -> torch.Generator:

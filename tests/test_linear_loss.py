@@ -10,18 +10,12 @@ import math
 import pytest
 import torch
 from gemm_counter import count_gemms
+from op_helpers import DEVICE, IMPLS, INTERPRETER_WARNINGS
 
 import saei_fast
 from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-]
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = ["torch", "triton"]
+pytestmark = INTERPRETER_WARNINGS
 
 
 def _inputs(token_shape, d, v, *, dtype=torch.float32, seed=0):

@@ -19,19 +19,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from op_helpers import DEVICE, IMPLS, INTERPRETER_WARNINGS
 
 import saei_fast
 from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
 from saei_fast.reference import linear_logprobs_and_entropy_reference
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-]
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = ["torch", "triton"]
+pytestmark = INTERPRETER_WARNINGS
 
 
 def _inputs(rows, width, d, v, *, dtype=torch.float32, seed=0):
@@ -276,17 +270,26 @@ def test_per_token_op_over_chunks_with_position_dependent_upstream(impl, fused, 
     gen = torch.Generator().manual_seed(19)
     g_lp = torch.randn(ROWS, WIDTH, generator=gen, dtype=torch.float64).to(DEVICE)
     g_h = torch.randn(ROWS, WIDTH, generator=gen, dtype=torch.float64).to(DEVICE)
+    _check_per_token(
+        hidden, weight, bias, labels, mask, g_lp, g_h, temperature=0.8, impl=impl,
+        fused=fused, chunk_rows=5,
+    )  # fmt: skip
 
+
+def _check_per_token(hidden, weight, bias, labels, mask, g_lp, g_h, *, temperature=1.0, **kwargs):
+    """``linear_logprobs_and_entropy_impl(..., **kwargs)``: values, and gradients under the
+    float64 upstream gradients ``g_lp`` / ``g_h`` (``[rows, width]``), against float64
+    autograd over the full logits."""
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
     logp, ent = linear_logprobs_and_entropy_impl(
-        leaves[0], leaves[1], labels, bias=leaves[2], temperature=0.8, mask=mask, impl=impl,
-        fused=fused, chunk_rows=5,
+        leaves[0], leaves[1], labels, bias=leaves[2], temperature=temperature, mask=mask,
+        **kwargs,
     )  # fmt: skip
     (g_lp.float() * logp + g_h.float() * ent).sum().backward()
 
     truth = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
     true_lp, true_h = linear_logprobs_and_entropy_reference(
-        truth[0], truth[1], labels, bias=truth[2], temperature=0.8, mask=mask
+        truth[0], truth[1], labels, bias=truth[2], temperature=temperature, mask=mask
     )
     (g_lp * true_lp + g_h * true_h).sum().backward()
     torch.testing.assert_close(logp.double(), true_lp.detach(), rtol=1e-5, atol=2e-5)
@@ -302,21 +305,10 @@ def _per_token_property_case(impl, fused, rows, width, chunk_rows, mask_kind, se
     mask = _mask(mask_kind, rows, width, seed=seed)
     gen = torch.Generator().manual_seed(seed + 3)
     g_lp, g_h = torch.randn(2, rows, width, generator=gen, dtype=torch.float64).to(DEVICE)
-    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    logp, ent = linear_logprobs_and_entropy_impl(
-        leaves[0], leaves[1], labels, bias=leaves[2], mask=mask, impl=impl, fused=fused,
+    _check_per_token(
+        hidden, weight, bias, labels, mask, g_lp, g_h, impl=impl, fused=fused,
         chunk_rows=chunk_rows,
     )  # fmt: skip
-    (g_lp.float() * logp + g_h.float() * ent).sum().backward()
-    truth = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
-    true_lp, true_h = linear_logprobs_and_entropy_reference(
-        truth[0], truth[1], labels, bias=truth[2], mask=mask
-    )
-    (g_lp * true_lp + g_h * true_h).sum().backward()
-    torch.testing.assert_close(logp.double(), true_lp.detach(), rtol=1e-5, atol=2e-5)
-    torch.testing.assert_close(ent.double(), true_h.detach(), rtol=1e-5, atol=2e-5)
-    for name, ours, want in zip(("hidden", "weight", "bias"), leaves, truth, strict=True):
-        torch.testing.assert_close(ours.grad.double(), want.grad, rtol=1e-4, atol=2e-5, msg=name)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from op_helpers import DEVICE, IMPLS, INTERPRETER_WARNINGS
 
 import saei_fast
 from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
@@ -20,14 +21,7 @@ from saei_fast.reference import (
     logprobs_and_entropy_reference,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-]
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = ["torch", "triton"]
+pytestmark = INTERPRETER_WARNINGS
 
 
 @pytest.mark.parametrize("impl", IMPLS)
