@@ -14,12 +14,11 @@ from collections import Counter
 
 import pytest
 import torch
-from trl_helpers import GROUP, N_ADV, ModelRecorder, Rewards, make_config, no_stop_tokens
-from trl_variations import plain_entropies
+from trl_helpers import GROUP, N_ADV, ModelRecorder, make_trainer
+from trl_variations import record_loss_calls
 
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import to_dataset
-from saei_fast.integrations.trl import SaEIGRPOTrainer
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
@@ -35,30 +34,17 @@ def test_adversarial_flags_travel_with_shuffled_rows_into_micro_batches(
     with torch.no_grad():  # spread the entropies (a random tiny model is near uniform)
         model.lm_head.weight.mul_(30.0)
     recorder = ModelRecorder(model)
-    trainer = SaEIGRPOTrainer(
-        model=model,
-        reward_funcs=Rewards(),
-        args=make_config(
-            tmp_path,
-            per_device_train_batch_size=GROUP,
-            gradient_accumulation_steps=2,
-            max_steps=1,
-            generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
-        ),
-        train_dataset=to_dataset(examples),
-        processing_class=processor,
+    trainer = make_trainer(
+        model,
+        processor,
+        to_dataset(examples),
+        tmp_path,
+        per_device_train_batch_size=GROUP,
+        gradient_accumulation_steps=2,
+        max_steps=1,
     )
     assert trainer.args.steps_per_generation == 2
-    micro_batches = []
-    compute_loss = trainer.compute_loss
-
-    def recording(model, inputs, *args, **kwargs):
-        record = {k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)}
-        record["entropies"] = plain_entropies(trainer.model, inputs)
-        micro_batches.append(record)
-        return compute_loss(model, inputs, *args, **kwargs)
-
-    trainer.compute_loss = recording
+    micro_batches = record_loss_calls(trainer)
     trainer.train()
 
     clean_call, adv_call = recorder.generate_calls

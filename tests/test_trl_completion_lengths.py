@@ -17,14 +17,12 @@ from collections import Counter
 
 import pytest
 import torch
-from trl_helpers import GROUP, N_ADV, Rewards, make_config, no_stop_tokens
-from trl_variations import GenerateRecorder, generate_rows_batch, plain_entropies, trimmed
+from trl_helpers import GROUP, N_ADV, make_trainer
+from trl_variations import GenerateRecorder, attack_beside_naive, record_loss_calls, trimmed
 
 import saei_fast.integrations.trl as integration
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import to_dataset
-from saei_fast.integrations.trl import SaEIGRPOTrainer
-from saei_fast.reference import naive_attack_objective
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
@@ -63,53 +61,22 @@ def short_run(processor, examples, tmp_path_factory):
     eos, pad = processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id
     assert eos != pad
     crafted = GenerateRecorder(model, _cut_early(eos, pad))
-    config = make_config(
+    trainer = make_trainer(
+        model,
+        processor,
+        to_dataset(examples),
         tmp_path_factory.mktemp("short"),
         max_completion_length=MAX_LENGTH,
         loss_type="dr_grpo",
         # The fused loss checks its own value against TRL's on every step: its Dr. GRPO
         # normalisation is exercised with a batch narrower than max_completion_length.
         saei_fused_loss=True,
-        generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
     )
-    trainer = SaEIGRPOTrainer(
-        model=model,
-        reward_funcs=Rewards(),
-        args=config,
-        train_dataset=to_dataset(examples),
-        processing_class=processor,
-    )
-    losses = []
-    compute_loss = trainer.compute_loss
-
-    def recording(model, inputs, *args, **kwargs):
-        loss = compute_loss(model, inputs, *args, **kwargs)
-        record = {k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)}
-        record["loss"] = loss.detach().clone()
-        record["entropies"] = plain_entropies(trainer.model, inputs, config.temperature)
-        losses.append(record)
-        return loss
-
-    trainer.compute_loss = recording
+    losses = record_loss_calls(trainer, trainer.args.temperature)
+    # Each attack beside the naive objective of a batch built here from the clean generate
+    # call, with the model as the attack finds it.
     attacks = []
-    original_attack = integration.entropy_attack
-
-    def attack(model, inputs, completion_mask, *, config, **kwargs):
-        # The naive objective of a batch built here from the clean generate call, with the
-        # model as the attack finds it.
-        batch, mask = generate_rows_batch(crafted.inputs[-1], crafted.completions[-1], eos, pad)
-        training = model.training
-        model.eval()
-        with torch.no_grad():
-            naive, _ = naive_attack_objective(
-                model, batch, mask, band=config.band, scope=config.scope,
-                group_size=config.group_size, temperature=config.temperature,
-            )  # fmt: skip
-        model.train(training)
-        result = original_attack(model, inputs, completion_mask, config=config, **kwargs)
-        attacks.append({"naive": float(naive), "result": result, "mask": mask})
-        return result
-
+    attack = attack_beside_naive(crafted, eos, pad, attacks)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(integration, "entropy_attack", attack)
         trainer.train()

@@ -17,15 +17,13 @@ from trl_helpers import (
     Rewards,
     image_blocks,
     index_of,
-    make_config,
-    no_stop_tokens,
+    make_trainer,
 )
 
 import saei_fast
 import saei_fast.integrations.trl as integration
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import to_dataset
-from saei_fast.integrations.trl import SaEIGRPOTrainer
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
@@ -43,19 +41,16 @@ def test_uneven_group_split_layout_images_advantages_and_metrics(
     model = demo_model(processor, hidden_size=32, seed=0)
     recorder = ModelRecorder(model)
     rewards = Rewards()
-    trainer = SaEIGRPOTrainer(
-        model=model,
+    trainer = make_trainer(
+        model,
+        processor,
+        to_dataset(examples),
+        tmp_path,
         reward_funcs=rewards,
-        args=make_config(
-            tmp_path,
-            num_generations=GROUP,
-            saei_n_clean=n_clean,
-            saei_n_adv=n_adv,
-            per_device_train_batch_size=2 * GROUP,
-            generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
-        ),
-        train_dataset=to_dataset(examples),
-        processing_class=processor,
+        num_generations=GROUP,
+        saei_n_clean=n_clean,
+        saei_n_adv=n_adv,
+        per_device_train_batch_size=2 * GROUP,
     )
     attacks = []
     original = integration.entropy_attack
@@ -129,19 +124,15 @@ def test_a_batch_of_one_prompt(processor, examples, tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = demo_model(processor, hidden_size=32, seed=0)
     recorder = ModelRecorder(model)
-    trainer = SaEIGRPOTrainer(
-        model=model,
-        reward_funcs=Rewards(),
-        args=make_config(
-            tmp_path,
-            num_generations=GROUP,
-            saei_n_clean=2,
-            saei_n_adv=2,
-            per_device_train_batch_size=GROUP,
-            generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
-        ),
-        train_dataset=to_dataset(examples),
-        processing_class=processor,
+    trainer = make_trainer(
+        model,
+        processor,
+        to_dataset(examples),
+        tmp_path,
+        num_generations=GROUP,
+        saei_n_clean=2,
+        saei_n_adv=2,
+        per_device_train_batch_size=GROUP,
     )
     results = []
     original = integration.entropy_attack

@@ -30,7 +30,7 @@ from trl_helpers import (
     image_blocks,
     index_of,
     make_config,
-    no_stop_tokens,
+    make_trainer,
 )
 
 import saei_fast
@@ -65,16 +65,12 @@ def saei_run(processor, examples, tmp_path_factory, monkeypatch_module):
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     recorder = ModelRecorder(model)
     rewards = Rewards()
-    config = make_config(
+    trainer = make_trainer(
+        model,
+        processor,
+        to_dataset(examples),
         tmp_path_factory.mktemp("saei"),
-        generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
-    )
-    trainer = SaEIGRPOTrainer(
-        model=model,
         reward_funcs=rewards,
-        args=config,
-        train_dataset=to_dataset(examples),
-        processing_class=processor,
     )
     scored = capture_scored_batches(trainer)
     attacks = record_attacks(monkeypatch_module)
@@ -254,13 +250,14 @@ def record_loss_entropies(trainer) -> list[dict]:
 def test_vanilla_switch_generates_every_row_from_the_clean_image(processor, examples, tmp_path):
     model = demo_model(processor, hidden_size=32, seed=0)
     recorder = ModelRecorder(model)
-    config = make_config(tmp_path, saei_enabled=False, max_steps=1)
-    trainer = SaEIGRPOTrainer(
-        model=model,
-        reward_funcs=Rewards(),
-        args=config,
-        train_dataset=to_dataset(examples),
-        processing_class=processor,
+    trainer = make_trainer(
+        model,
+        processor,
+        to_dataset(examples),
+        tmp_path,
+        full_length=False,
+        saei_enabled=False,
+        max_steps=1,
     )
     trainer.train()
     (call,) = recorder.generate_calls
@@ -278,13 +275,8 @@ def test_vllm_importance_sampling_keeps_adversarial_rows(processor, examples, tm
     """TRL's sequence_mask correction would drop adversarial rows whose sampling image
     differs from the clean one; SaEI gives them ratio 1 and says so in its logs."""
     model = demo_model(processor, hidden_size=32, seed=0)
-    config = make_config(tmp_path, saei_alpha=64 / 255)
-    trainer = SaEIGRPOTrainer(
-        model=model,
-        reward_funcs=Rewards(),
-        args=config,
-        train_dataset=to_dataset(examples),
-        processing_class=processor,
+    trainer = make_trainer(
+        model, processor, to_dataset(examples), tmp_path, full_length=False, saei_alpha=64 / 255
     )
     fake = FakeVLLMServer(model, processor, max_tokens=4)
     # The state TRL's __init__ sets for use_vllm=True, vllm_mode="server" (which needs vLLM).

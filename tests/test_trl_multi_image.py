@@ -21,15 +21,12 @@ from trl_helpers import (
     N_CLEAN,
     FakeVLLMServer,
     ModelRecorder,
-    Rewards,
-    make_config,
-    no_stop_tokens,
+    make_trainer,
 )
 
 import saei_fast
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import colour_examples
-from saei_fast.integrations.trl import SaEIGRPOTrainer
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
@@ -93,17 +90,7 @@ def test_hf_generate_gives_each_prompt_its_own_adversarial_images(
     torch.manual_seed(0)
     model = demo_model(processor, hidden_size=32, seed=0)
     recorder = ModelRecorder(model)
-    trainer = SaEIGRPOTrainer(
-        model=model,
-        reward_funcs=Rewards(),
-        args=make_config(
-            tmp_path,
-            max_steps=1,
-            generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
-        ),
-        train_dataset=_dataset(two_image_prompts),
-        processing_class=processor,
-    )
+    trainer = make_trainer(model, processor, _dataset(two_image_prompts), tmp_path, max_steps=1)
     trainer.train()
 
     clean = _clean_images(processor, two_image_prompts)
@@ -144,12 +131,8 @@ def test_vllm_stand_in_gets_each_prompt_its_own_adversarial_images(
 ):
     torch.manual_seed(0)
     model = demo_model(processor, hidden_size=32, seed=0)
-    trainer = SaEIGRPOTrainer(
-        model=model,
-        reward_funcs=Rewards(),
-        args=make_config(tmp_path),
-        train_dataset=_dataset(two_image_prompts),
-        processing_class=processor,
+    trainer = make_trainer(
+        model, processor, _dataset(two_image_prompts), tmp_path, full_length=False
     )
     fake = FakeVLLMServer(model, processor, max_tokens=4)
     # The state TRL's __init__ sets for use_vllm=True, vllm_mode="server" (which needs vLLM).

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trl_helpers import GROUP, N_ADV, N_CLEAN, Rewards, make_config, no_stop_tokens
+from trl_helpers import GROUP, N_ADV, N_CLEAN, make_trainer
 from trl_variations import GenerateRecorder
 
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import to_dataset
-from saei_fast.integrations.trl import SaEIGRPOTrainer
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
@@ -29,18 +28,14 @@ def test_old_logprobs_use_the_clean_image_for_every_row(processor, examples, tmp
     torch.manual_seed(0)
     model = demo_model(processor, hidden_size=32, seed=0)
     recorder = GenerateRecorder(model)
-    trainer = SaEIGRPOTrainer(
-        model=model,
-        reward_funcs=Rewards(),
-        args=make_config(
-            tmp_path,
-            num_iterations=2,
-            saei_alpha=64 / 255,  # a large step: the adversarial image's log-probs differ
-            saei_fused_head=fused_head,
-            generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
-        ),
-        train_dataset=to_dataset(examples),
-        processing_class=processor,
+    trainer = make_trainer(
+        model,
+        processor,
+        to_dataset(examples),
+        tmp_path,
+        num_iterations=2,
+        saei_alpha=64 / 255,  # a large step: the adversarial image's log-probs differ
+        saei_fused_head=fused_head,
     )
     trainer.model.train()
     inputs = [dict(trainer.train_dataset[i]) for i in (0, 1) for _ in range(GROUP)]

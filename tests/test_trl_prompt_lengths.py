@@ -15,15 +15,13 @@ import dataclasses
 
 import pytest
 import torch
-from trl_helpers import ALPHA, N_ADV, N_CLEAN, Rewards, make_config, no_stop_tokens
-from trl_variations import GenerateRecorder, generate_rows_batch, plain_entropies
+from trl_helpers import ALPHA, N_ADV, N_CLEAN, make_trainer
+from trl_variations import GenerateRecorder, attack_beside_naive, record_loss_calls
 
 import saei_fast
 import saei_fast.integrations.trl as integration
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import colour_examples, to_dataset
-from saei_fast.integrations.trl import SaEIGRPOTrainer
-from saei_fast.reference import naive_attack_objective
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
@@ -40,44 +38,12 @@ def test_prompts_of_different_lengths(processor, tmp_path, monkeypatch):
         model.lm_head.weight.mul_(30.0)
     eos, pad = processor.tokenizer.eos_token_id, processor.tokenizer.pad_token_id
     recorder = GenerateRecorder(model)
-    trainer = SaEIGRPOTrainer(
-        model=model,
-        reward_funcs=Rewards(),
-        args=make_config(
-            tmp_path,
-            max_steps=1,
-            generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
-        ),
-        train_dataset=to_dataset(examples),
-        processing_class=processor,
+    trainer = make_trainer(model, processor, to_dataset(examples), tmp_path, max_steps=1)
+    attacks = []
+    monkeypatch.setattr(
+        integration, "entropy_attack", attack_beside_naive(recorder, eos, pad, attacks)
     )
-    attacks, losses = [], []
-    original_attack = integration.entropy_attack
-
-    def attack(model, inputs, completion_mask, *, config, **kwargs):
-        batch, mask = generate_rows_batch(recorder.inputs[-1], recorder.completions[-1], eos, pad)
-        training = model.training
-        model.eval()
-        with torch.no_grad():
-            naive, _ = naive_attack_objective(
-                model, batch, mask, band=config.band, scope=config.scope,
-                group_size=config.group_size, temperature=config.temperature,
-            )  # fmt: skip
-        model.train(training)
-        result = original_attack(model, inputs, completion_mask, config=config, **kwargs)
-        attacks.append({"naive": float(naive), "result": result})
-        return result
-
-    monkeypatch.setattr(integration, "entropy_attack", attack)
-    compute_loss = trainer.compute_loss
-
-    def recording(model, inputs, *args, **kwargs):
-        record = {k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)}
-        record["entropies"] = plain_entropies(trainer.model, inputs)
-        losses.append(record)
-        return compute_loss(model, inputs, *args, **kwargs)
-
-    trainer.compute_loss = recording
+    losses = record_loss_calls(trainer)
     trainer.train()
 
     # Both generate calls hold prompts of two lengths, the shorter left-padded.

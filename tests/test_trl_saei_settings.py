@@ -17,7 +17,7 @@ from trl_helpers import (
     image_blocks,
     index_of,
     make_config,
-    no_stop_tokens,
+    make_trainer,
 )
 
 import saei_fast
@@ -62,21 +62,18 @@ def test_random_control_arm_steps_alpha_in_random_directions(
     model = demo_model(processor, hidden_size=32, seed=0)
     recorder = ModelRecorder(model)
     attacks = recorded_attacks(monkeypatch)
-    config = make_config(
+    trainer = make_trainer(
+        model,
+        processor,
+        to_dataset(examples),
         tmp_path,
         saei_perturbation="random",
         saei_alpha=alpha,
         max_steps=1,
         # The attack measures at the temperature TRL samples at, this one included.
-        generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor), "temperature": 0.7},
+        generation_kwargs={"temperature": 0.7},
     )
-    trainer = SaEIGRPOTrainer(
-        model=model,
-        reward_funcs=Rewards(),
-        args=config,
-        train_dataset=to_dataset(examples),
-        processing_class=processor,
-    )
+    config = trainer.args
     trainer.train()
 
     (attack,) = attacks
@@ -110,13 +107,14 @@ def test_random_control_arm_steps_alpha_in_random_directions(
 
 def test_random_signs_are_seeded_by_seed_step_and_process(processor, examples, tmp_path):
     model = demo_model(processor, hidden_size=32, seed=0)
-    config = make_config(tmp_path, saei_perturbation="random", seed=5)
-    trainer = SaEIGRPOTrainer(
-        model=model,
-        reward_funcs=Rewards(),
-        args=config,
-        train_dataset=to_dataset(examples),
-        processing_class=processor,
+    trainer = make_trainer(
+        model,
+        processor,
+        to_dataset(examples),
+        tmp_path,
+        full_length=False,
+        saei_perturbation="random",
+        seed=5,
     )
     draws = {}
     for step in (0, 0, 1):
@@ -124,12 +122,14 @@ def test_random_signs_are_seeded_by_seed_step_and_process(processor, examples, t
         draws.setdefault(step, []).append(torch.rand(8, generator=trainer._saei_generator()))
     assert torch.equal(draws[0][0], draws[0][1])
     assert not torch.equal(draws[0][0], draws[1][0])
-    other = SaEIGRPOTrainer(
-        model=model,
-        reward_funcs=Rewards(),
-        args=make_config(tmp_path, saei_perturbation="random", seed=6),
-        train_dataset=to_dataset(examples),
-        processing_class=processor,
+    other = make_trainer(
+        model,
+        processor,
+        to_dataset(examples),
+        tmp_path,
+        full_length=False,
+        saei_perturbation="random",
+        seed=6,
     )
     other.state.global_step = 0
     assert not torch.equal(torch.rand(8, generator=other._saei_generator()), draws[0][0])
@@ -171,12 +171,13 @@ def test_disabled_saei_never_builds_the_attack(processor, examples, tmp_path, mo
         raise AssertionError("attack_config must not be built with saei_enabled=False")
 
     monkeypatch.setattr(SaEIConfig, "attack_config", fail)
-    trainer = SaEIGRPOTrainer(
-        model=demo_model(processor, hidden_size=32, seed=0),
-        reward_funcs=Rewards(),
-        args=make_config(tmp_path, saei_enabled=False),
-        train_dataset=to_dataset(examples),
-        processing_class=processor,
+    trainer = make_trainer(
+        demo_model(processor, hidden_size=32, seed=0),
+        processor,
+        to_dataset(examples),
+        tmp_path,
+        full_length=False,
+        saei_enabled=False,
     )
     assert trainer._saei_attack_config is None and trainer._saei_space is None
 
@@ -190,20 +191,15 @@ def test_evaluation_loop_generates_from_clean_images_without_attack(
     model = demo_model(processor, hidden_size=32, seed=0)
     recorder = ModelRecorder(model)
     forbid_attacks(monkeypatch)
-    config = make_config(
+    dataset = to_dataset(examples)
+    trainer = make_trainer(
+        model,
+        processor,
+        dataset,
         tmp_path,
+        eval_dataset=dataset,
         per_device_eval_batch_size=2 * GROUP,
         eval_strategy="no",
-        generation_kwargs={"suppress_tokens": no_stop_tokens(model, processor)},
-    )
-    dataset = to_dataset(examples)
-    trainer = SaEIGRPOTrainer(
-        model=model,
-        reward_funcs=Rewards(),
-        args=config,
-        train_dataset=dataset,
-        eval_dataset=dataset,
-        processing_class=processor,
     )
     metrics = trainer.evaluate()  # the trainer's own evaluation loop (model in eval mode)
 

@@ -1,12 +1,13 @@
-"""Shared pieces of the SaEIGRPOTrainer tests: the config, a recording reward, a recorder
-of what the model was given, and a stand-in for TRL's vLLM server backend."""
+"""Shared pieces of the SaEIGRPOTrainer tests: the config and the trainer, a recording
+reward, a recorder of what the model was given, and a stand-in for TRL's vLLM server
+backend."""
 
 from __future__ import annotations
 
 import torch
 
 from saei_fast.demo.model import vision_token_ids
-from saei_fast.integrations.trl import SaEIConfig
+from saei_fast.integrations.trl import SaEIConfig, SaEIGRPOTrainer
 
 N_CLEAN, N_ADV = 2, 2
 GROUP = N_CLEAN + N_ADV
@@ -49,6 +50,38 @@ def make_config(tmp_path, **overrides) -> SaEIConfig:
     )
     settings.update(overrides)
     return SaEIConfig(**settings)
+
+
+def make_trainer(
+    model,
+    processor,
+    dataset,
+    tmp_path,
+    *,
+    reward_funcs=None,
+    full_length: bool = True,
+    generation_kwargs: dict | None = None,
+    eval_dataset=None,
+    **overrides,
+) -> SaEIGRPOTrainer:
+    """A SaEIGRPOTrainer of ``model`` on ``dataset`` with ``make_config(tmp_path,
+    **overrides)`` and a fresh :class:`Rewards` unless ``reward_funcs`` is given. With
+    ``full_length``, generation never samples a stop token (:func:`no_stop_tokens`), so every
+    completion is ``max_completion_length`` long; ``generation_kwargs`` add to that (without
+    ``full_length``, they are the config's whole ``generation_kwargs``)."""
+    if full_length:
+        suppress = {"suppress_tokens": no_stop_tokens(model, processor)}
+        generation_kwargs = {**suppress, **(generation_kwargs or {})}
+    if generation_kwargs is not None:
+        overrides["generation_kwargs"] = generation_kwargs
+    return SaEIGRPOTrainer(
+        model=model,
+        reward_funcs=Rewards() if reward_funcs is None else reward_funcs,
+        args=make_config(tmp_path, **overrides),
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+    )
 
 
 class Rewards:

@@ -1,11 +1,13 @@
 """Pieces the trainer tests that vary lengths, padding and micro-batches share: the loss
-forward's entropies computed the plain way, and a record of every ``generate`` call."""
+forward's entropies computed the plain way, a record of every ``generate`` call, of every
+loss call and of every attack beside its naive objective."""
 
 from __future__ import annotations
 
 import torch
 
-from saei_fast.reference import entropy_reference
+import saei_fast.integrations.trl as integration
+from saei_fast.reference import entropy_reference, naive_attack_objective
 
 
 @torch.no_grad()
@@ -74,3 +76,46 @@ class GenerateRecorder:
             return output
 
         model.generate = generate
+
+
+def record_loss_calls(trainer, temperature: float = 1.0) -> list[dict]:
+    """Wraps ``trainer.compute_loss``: per call, the tensor inputs, the plain entropies of
+    the loss batch at ``temperature`` (:func:`plain_entropies`, taken before the loss) and
+    the loss."""
+    records = []
+    compute_loss = trainer.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        record = {k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)}
+        record["entropies"] = plain_entropies(trainer.model, inputs, temperature)
+        loss = compute_loss(model, inputs, *args, **kwargs)
+        record["loss"] = loss.detach().clone()
+        records.append(record)
+        return loss
+
+    trainer.compute_loss = recording
+    return records
+
+
+def attack_beside_naive(recorder: GenerateRecorder, eos: int, pad: int, records: list):
+    """A stand-in for ``integration.entropy_attack`` (to monkeypatch in) that runs the real
+    attack and appends ``{"naive", "result", "mask"}`` to ``records``: ``naive`` is the
+    naive full-logits objective of the rows of ``recorder``'s last generate call
+    (:func:`generate_rows_batch`, mask ``mask``), with the model as the attack finds it."""
+    original = integration.entropy_attack
+
+    def attack(model, inputs, completion_mask, *, config, **kwargs):
+        batch, mask = generate_rows_batch(recorder.inputs[-1], recorder.completions[-1], eos, pad)
+        training = model.training
+        model.eval()
+        with torch.no_grad():
+            naive, _ = naive_attack_objective(
+                model, batch, mask, band=config.band, scope=config.scope,
+                group_size=config.group_size, temperature=config.temperature,
+            )  # fmt: skip
+        model.train(training)
+        result = original(model, inputs, completion_mask, config=config, **kwargs)
+        records.append({"naive": float(naive), "result": result, "mask": mask})
+        return result
+
+    return attack
