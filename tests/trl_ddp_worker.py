@@ -29,13 +29,13 @@ from pathlib import Path
 
 import peft
 import torch
-import torch.distributed as dist
 from test_trl_fused_head import loss_inputs as head_inputs
 from test_trl_fused_loss import loss_inputs, trainer_for
 from trl_helpers import Rewards, make_config
 
 import saei_fast.integrations._fused_head as fused_head
 import saei_fast.integrations._fused_loss as fused_loss
+from saei_fast.demo.distributed import close_process_group
 from saei_fast.demo.model import demo_model, demo_processor
 from saei_fast.demo.task import colour_examples, task_words, to_dataset
 from saei_fast.integrations.trl import SaEIGRPOTrainer
@@ -59,7 +59,8 @@ def gradients(model: torch.nn.Module, run) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def main(out: str) -> None:
+def record_gradients(out: str) -> None:
+    """Every rank's gradients, saved to ``out``."""
     torch.set_num_threads(1)
     processor = demo_processor(task_words())
     examples = colour_examples(2, seed=3)
@@ -129,8 +130,11 @@ def main(out: str) -> None:
     record["local_lora"] = gradients(lora.model, lambda: lora._compute_loss(lora.model, inputs))
 
     torch.save(record, Path(out, f"rank{rank}.pt"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+
+
+def main(out: str) -> None:
+    record_gradients(out)  # its trainers and DDP wrappers are freed when it returns...
+    close_process_group()  # ...before the process group goes (see close_process_group)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 from trl_helpers import GROUP, Rewards, make_config, no_stop_tokens
 
+from saei_fast.demo.distributed import close_process_group
 from saei_fast.demo.model import demo_model, demo_processor
 from saei_fast.demo.task import colour_examples, task_words, to_dataset
 from saei_fast.integrations.trl import SaEIGRPOTrainer
@@ -98,7 +99,8 @@ def _digest(image) -> str:
     return hashlib.sha1(np.asarray(image).tobytes()).hexdigest()[:12]
 
 
-def main(out: str) -> None:
+def train_and_record(out: str) -> None:
+    """Two SaEI steps; this rank's record saved to ``out``."""
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     processor = demo_processor(task_words())
@@ -135,8 +137,11 @@ def main(out: str) -> None:
         "weights_abs_sum": float(weights.double().abs().sum()),
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+
+
+def main(out: str) -> None:
+    train_and_record(out)  # its trainer and DDP wrapper are freed when it returns...
+    close_process_group()  # ...before the process group goes (see close_process_group)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,28 @@ def barrier() -> None:
         dist.barrier()
 
 
+def close_process_group() -> None:
+    """Destroy the default process group without gloo's hang at exit.
+
+    A DDP wrapper's reducer holds the process group. If the reducer is the last holder, the
+    group is destroyed when the reducer is freed, with the GIL held: gloo's destructor joins
+    its worker thread, and a worker thread still releasing finished work (whose tensors need
+    the GIL to be freed) never returns, so the process hangs after its work is done. Hence:
+    free unreachable DDP wrappers while the group is still registered, let every rank's
+    queued work finish (a barrier, waited on without the GIL), then destroy the group. Callers
+    drop their own references to trainers and models first.
+    """
+    import gc
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    barrier()
+    dist.destroy_process_group()
+
+
 def free_port() -> int:
     """A TCP port that was free on the loopback interface a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -149,7 +171,6 @@ def run_distributed(setup, scratch: Path, num_processes: int, *, log=print) -> l
 
 def _worker(spec_path: str) -> None:
     import torch
-    import torch.distributed as dist
     import transformers
 
     from saei_fast.demo.arms import train_arm
@@ -183,8 +204,7 @@ def _worker(spec_path: str) -> None:
             records.append({**record, "processes": world})
     if rank == 0:
         Path(spec["records"]).write_text(json.dumps(records))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":
