@@ -29,11 +29,10 @@ from unittest import mock
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "verl"))
 
-from _verl_models import verl_patched, verl_position_ids
+from _verl_models import peak_cpu_bytes, verl_patched, verl_position_ids
 from verl import DataProto
 from verl.utils.torch_functional import logprobs_from_logits
 
@@ -41,16 +40,6 @@ from saei_fast import pixels
 from saei_fast.attack import AttackConfig
 from saei_fast.integrations.verl import worker
 from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
-
-
-def peak_bytes(function) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        function()
-    held = peak = 0
-    for event in sorted(prof.events(), key=lambda event: event.time_range.start):
-        held += event.self_cpu_memory_usage
-        peak = max(peak, held)
-    return peak
 
 
 def main() -> None:
@@ -107,14 +96,17 @@ def main() -> None:
             ("attack, checkpointing on", attack),
         ):
             started = time.perf_counter()
-            rows[name] = (peak_bytes(function), time.perf_counter() - started)
+            rows[name] = (peak_cpu_bytes(function), time.perf_counter() - started)
         # the worker without its checkpointing step: verl's eval_mode leaves no layer training
         no_checkpointing = mock.patch.object(
             worker, "checkpointing_as_in_training", lambda model: contextlib.nullcontext()
         )
         with no_checkpointing:
             started = time.perf_counter()
-            rows["attack as before issue 23"] = (peak_bytes(attack), time.perf_counter() - started)
+            rows["attack as before issue 23"] = (
+                peak_cpu_bytes(attack),
+                time.perf_counter() - started,
+            )
     tokens = int(batch.completion_mask.sum())
     print(
         f"Qwen2.5-VL-shaped, {args.layers} layers of hidden {args.hidden}, vocabulary "

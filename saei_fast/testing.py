@@ -33,6 +33,8 @@ from transformers import (
     LlavaImageProcessorPil,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
@@ -53,6 +55,81 @@ def _seeded(builder, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return builder()
+
+
+def _qwen_text_config(
+    ids: dict[str, int],
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    mrope_section: list[int],
+) -> dict:
+    """The ``text_config`` the tiny Qwen-VLs share: half as many key/value heads as query
+    heads, default multimodal RoPE over ``mrope_section``, the pad token as end token."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": max(1, num_heads // 2),
+        "max_position_embeddings": 4096,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": mrope_section,
+        },
+        "bos_token_id": None,
+        "eos_token_id": ids["pad"],
+        "pad_token_id": ids["pad"],
+    }
+
+
+def _qwen_vision_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The Qwen-VL config's image, video and vision start / end token ids."""
+    return {
+        "image_token_id": ids["image"],
+        "video_token_id": ids["video"],
+        "vision_start_token_id": ids["vision_start"],
+        "vision_end_token_id": ids["vision_end"],
+    }
+
+
+def tiny_qwen2_vl(
+    *, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> Qwen2VLForConditionalGeneration:
+    """A Qwen2-VL with random weights (text hidden 32 in 2 layers, vision 32 in 2 blocks),
+    eval mode, with the image processor of :func:`tiny_qwen_image_processor`."""
+    vocab_size, hidden = 128, 32
+    ids = special_token_ids(vocab_size)
+    config = Qwen2VLConfig(
+        vision_config={
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": hidden,
+            "mlp_ratio": 2,
+            "num_heads": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        text_config=_qwen_text_config(
+            ids,
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_layers=2,
+            num_heads=4,
+            mrope_section=[1, 1, 2],
+        ),
+        **_qwen_vision_token_ids(ids),
+    )
+    config._attn_implementation = "sdpa"
+    model = _seeded(lambda: Qwen2VLForConditionalGeneration(config), seed)
+    return model.to(dtype).eval()
 
 
 def tiny_qwen2_5_vl(
@@ -96,27 +173,16 @@ def tiny_qwen2_5_vl(
             "window_size": 4 * patch_size,
             "fullatt_block_indexes": [vision_depth - 1],
         },
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": hidden_size,
-            "intermediate_size": intermediate_size or 2 * hidden_size,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": max(1, num_heads // 2),
-            "max_position_embeddings": 4096,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [temporal, height, half - temporal - height],
-            },
-            "bos_token_id": None,
-            "eos_token_id": ids["pad"],
-            "pad_token_id": ids["pad"],
-        },
-        image_token_id=ids["image"],
-        video_token_id=ids["video"],
-        vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"],
+        text_config=_qwen_text_config(
+            ids,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size or 2 * hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            mrope_section=[temporal, height, half - temporal - height],
+        ),
+        **_qwen_vision_token_ids(ids),
     )
     config._attn_implementation = attn_implementation
     model = _seeded(lambda: Qwen2_5_VLForConditionalGeneration(config), seed)
@@ -143,6 +209,17 @@ def tiny_qwen3_vl(
     half = head_dim // 2
     temporal = max(1, half // 4)
     height = (half - temporal) // 2
+    text_config = _qwen_text_config(
+        ids,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        mrope_section=[temporal, height, half - temporal - height],
+    )
+    text_config["head_dim"] = head_dim
+    text_config["rope_parameters"]["mrope_interleaved"] = True
     config = Qwen3VLConfig(
         vision_config={
             "depth": vision_depth,
@@ -156,29 +233,8 @@ def tiny_qwen3_vl(
             "num_position_embeddings": 64,
             "deepstack_visual_indexes": [0],
         },
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": max(1, num_heads // 2),
-            "head_dim": head_dim,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [temporal, height, half - temporal - height],
-                "mrope_interleaved": True,
-            },
-            "bos_token_id": None,
-            "eos_token_id": ids["pad"],
-            "pad_token_id": ids["pad"],
-        },
-        image_token_id=ids["image"],
-        video_token_id=ids["video"],
-        vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"],
+        text_config=text_config,
+        **_qwen_vision_token_ids(ids),
     )
     config._attn_implementation = attn_implementation
     model = _seeded(lambda: Qwen3VLForConditionalGeneration(config), seed)

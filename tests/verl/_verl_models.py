@@ -12,6 +12,8 @@
   ``flash_attn_varlen_func`` (several packed sequences) and transformers' flash-attn call
   (one), GPU-only kernels, so verl's patched Qwen2/2.5-VL attention (``qwen2_vl_attn_forward``,
   used with ``use_remove_padding``) runs on the CPU; everything around them is verl's code.
+- :func:`peak_cpu_bytes`: the peak memory of a call on the CPU, for the attack-memory test
+  and its benchmark (``bench/measure_verl_attack_memory.py``).
 """
 
 from __future__ import annotations
@@ -23,10 +25,8 @@ import types
 from collections.abc import Iterator
 
 import torch
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from torch.profiler import ProfilerActivity, profile
 from verl.experimental.agent_loop.agent_loop import AgentLoopWorker
-
-from saei_fast.testing import special_token_ids
 
 _PATCHED_MODULES = (
     "transformers.models.qwen2_vl.modeling_qwen2_vl",
@@ -35,50 +35,6 @@ _PATCHED_MODULES = (
     "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe",
 )
 _PATCHED_ATTRIBUTES = ("forward", "fast_pos_embed_interpolate")
-
-
-def tiny_qwen2_vl(*, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """A Qwen2-VL with random weights (text hidden 32 in 2 layers, vision 32 in 2 blocks)."""
-    vocab_size, hidden = 128, 32
-    ids = special_token_ids(vocab_size)
-    config = Qwen2VLConfig(
-        vision_config={
-            "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": hidden,
-            "mlp_ratio": 2,
-            "num_heads": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": hidden,
-            "intermediate_size": 2 * hidden,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [1, 1, 2],
-            },
-            "bos_token_id": None,
-            "eos_token_id": ids["pad"],
-            "pad_token_id": ids["pad"],
-        },
-        image_token_id=ids["image"],
-        video_token_id=ids["video"],
-        vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"],
-    )
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
-    return model.to(dtype).eval()
 
 
 @contextlib.contextmanager
@@ -201,3 +157,16 @@ def cpu_varlen_kernel(monkeypatch) -> Iterator[list]:
     monkeypatch.setattr(qwen2_vl, "_flash_supports_deterministic", False, raising=False)
     monkeypatch.setattr(qwen2_vl, "_flash_use_top_left_mask", False, raising=False)
     yield calls
+
+
+def peak_cpu_bytes(function) -> int:
+    """The highest total of bytes held by PyTorch's CPU allocator between operators while
+    ``function()`` runs, from ``torch.profiler``'s per-operator memory records (allocations
+    inside one operator that it frees again are not seen)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        function()
+    held = peak = 0
+    for event in sorted(prof.events(), key=lambda event: event.time_range.start):
+        held += event.self_cpu_memory_usage
+        peak = max(peak, held)
+    return peak

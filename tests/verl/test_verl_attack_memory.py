@@ -18,8 +18,7 @@ training step's peak is its activations, as the attack's is.
 import numpy as np
 import pytest
 import torch
-from _verl_models import verl_patched, verl_position_ids
-from torch.profiler import ProfilerActivity, profile
+from _verl_models import peak_cpu_bytes, verl_patched, verl_position_ids
 from verl import DataProto
 from verl.utils.torch_functional import logprobs_from_logits
 
@@ -29,16 +28,6 @@ from saei_fast.integrations.verl.worker import saei_attack_on
 from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
 
 ROWS = 4
-
-
-def _peak_bytes(function) -> int:
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        function()
-    held = peak = 0
-    for event in sorted(prof.events(), key=lambda event: event.time_range.start):
-        held += event.self_cpu_memory_usage
-        peak = max(peak, held)
-    return peak
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +79,12 @@ def test_attack_peak_within_the_training_steps_and_same_pixels(setup):
         for param in model.parameters():
             param.grad = torch.zeros_like(param)
         plain = _attack(model, space, group)
-        attack_plain = _peak_bytes(lambda: _attack(model, space, group))
+        attack_plain = peak_cpu_bytes(lambda: _attack(model, space, group))
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         try:
             checkpointed = _attack(model, space, group)
-            attack_checkpointed = _peak_bytes(lambda: _attack(model, space, group))
-            training = _peak_bytes(lambda: _training_step(model, inputs, completion_mask))
+            attack_checkpointed = peak_cpu_bytes(lambda: _attack(model, space, group))
+            training = peak_cpu_bytes(lambda: _training_step(model, inputs, completion_mask))
         finally:
             model.gradient_checkpointing_disable()
             for param in model.parameters():

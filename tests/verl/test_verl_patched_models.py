@@ -18,7 +18,7 @@ models unpatched (float64, so "same pixels" is exact and gradients agree to roun
 import numpy as np
 import pytest
 import torch
-from _verl_models import cpu_varlen_kernel, tiny_qwen2_vl, verl_patched, verl_position_ids
+from _verl_models import cpu_varlen_kernel, verl_patched, verl_position_ids
 from verl import DataProto
 
 from saei_fast import pixels
@@ -28,6 +28,7 @@ from saei_fast.integrations.verl.worker import saei_attack_on
 from saei_fast.testing import (
     random_images,
     tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
     tiny_qwen3_vl,
     tiny_qwen_image_processor,
     vlm_batch,
@@ -122,26 +123,20 @@ def test_actor_attack_in_the_engine_layout_matches_the_unpatched_model(
     model, space, batch = _setup(name, seed=2)
     # Ragged completions: packed rows then differ from padded ones in every offset.
     assert len(set(batch.completion_mask.sum(1).tolist())) > 1
-    expected = [
-        entropy_attack(
-            model,
-            _rows(batch, first),
-            batch.completion_mask[first : first + GROUP],
-            space=space,
-            config=AttackConfig(group_size=GROUP),
-        )
-        for first in (0, GROUP)
-    ]
-    expected_grads = [
-        pixel_gradient(
-            model,
-            _rows(batch, first),
-            batch.completion_mask[first : first + GROUP],
-            space=space,
-            config=AttackConfig(group_size=GROUP),
-        )
-        for first in (0, GROUP)
-    ]
+    # The attack and the pixel gradient of each group on the unpatched model.
+    expected, expected_grads = (
+        [
+            function(
+                model,
+                _rows(batch, first),
+                batch.completion_mask[first : first + GROUP],
+                space=space,
+                config=AttackConfig(group_size=GROUP),
+            )
+            for first in (0, GROUP)
+        ]
+        for function in (entropy_attack, pixel_gradient)
+    )
     groups = _groups(batch, verl_position_ids(model, batch.inputs))
     with (
         verl_patched(model, use_remove_padding=remove_padding),
