@@ -47,18 +47,38 @@ PER_PROCESS = (
 )
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("two-processes")
+def _train_two_processes(out: Path, policy: str) -> list[dict]:
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
     launch(
         "trl_multiprocess_worker",
-        [str(out)],
+        [str(out), policy],
         2,
         timeout=600,
         env={**os.environ, "PYTHONPATH": path},
     )
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return _train_two_processes(tmp_path_factory.mktemp("two-processes"), "full")
+
+
+def test_a_lora_policy_trains_through_ddp_with_checkpointing_and_the_fused_loss(
+    tmp_path_factory,
+):
+    """The same two steps with a LoRA policy (peft): DDP wraps the peft model, the attack
+    reads through the adapters with the trainer's checkpointing, the fused loss trains the
+    adapters, and every rank ends with the same adapters."""
+    ranks = _train_two_processes(tmp_path_factory.mktemp("two-processes-lora"), "lora")
+    for rank, record in enumerate(ranks):
+        assert record["rank"] == rank and record["world_size"] == 2
+        assert record["local"]["attack_model"] == ["DistributedDataParallel"] * STEPS
+        assert record["local"]["attack_checkpointing"] == [True] * STEPS
+        assert record["local"]["fused_loss"] == [True] * STEPS
+        assert record["lora_b_count"] > 0 and record["lora_b_abs_sum"] > 0
+    assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"]
+    assert ranks[0]["lora_b_abs_sum"] == ranks[1]["lora_b_abs_sum"]
 
 
 def test_every_rank_attacks_through_its_ddp_wrapped_policy(ranks):

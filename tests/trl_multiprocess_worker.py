@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft import LoraConfig
 from transformers import TrainerCallback
 from trl_helpers import GROUP, Rewards, make_config, no_stop_tokens
 
@@ -52,7 +53,8 @@ class RecordingTrainer(SaEIGRPOTrainer):
 
     def _saei_attack(self, *args, **kwargs):
         self.local["attack_model"].append(type(self.model_wrapped).__name__)
-        layer = self.model.model.language_model.layers[0]
+        # The first decoder layer, through a peft wrapper too.
+        layer = next(m for m in self.model.modules() if type(m).__name__.endswith("DecoderLayer"))
         checkpointed = []
 
         # Inside the layer's checkpointed forward: does the attack's gradient pass checkpoint?
@@ -99,8 +101,12 @@ def _digest(image) -> str:
     return hashlib.sha1(np.asarray(image).tobytes()).hexdigest()[:12]
 
 
-def train_and_record(out: str) -> None:
-    """Two SaEI steps; this rank's record saved to ``out``."""
+LORA = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+
+
+def train_and_record(out: str, policy: str) -> None:
+    """Two SaEI steps of a full (``policy="full"``) or LoRA (``"lora"``) policy; this rank's
+    record saved to ``out``."""
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     processor = demo_processor(task_words())
@@ -123,8 +129,13 @@ def train_and_record(out: str) -> None:
         train_dataset=to_dataset(colour_examples(8, seed=3)),
         processing_class=processor,
         callbacks=[logs],
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+        if policy == "lora"
+        else None,
     )
     trainer.train()
+    # LoRA's B factors start at zero: nonzero after training means the adapters trained.
+    lora_b = [p for name, p in trainer.model.named_parameters() if "lora_B" in name]
     weights = torch.cat([p.detach().float().flatten() for p in trainer.model.parameters()])
     record = {
         "rank": rank,
@@ -135,14 +146,16 @@ def train_and_record(out: str) -> None:
         "logs": logs.logs,
         "weights_sum": float(weights.double().sum()),
         "weights_abs_sum": float(weights.double().abs().sum()),
+        "lora_b_abs_sum": sum(float(p.detach().double().abs().sum()) for p in lora_b),
+        "lora_b_count": len(lora_b),
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
 
 
-def main(out: str) -> None:
-    train_and_record(out)  # its trainer and DDP wrapper are freed when it returns...
+def main(out: str, policy: str = "full") -> None:
+    train_and_record(out, policy)  # its trainer and DDP wrapper are freed when it returns...
     close_process_group()  # ...before the process group goes (see close_process_group)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
