@@ -14,16 +14,13 @@ from collections import Counter
 
 import pytest
 import torch
-from trl_helpers import GROUP, N_ADV, ModelRecorder, make_trainer
+from trl_helpers import GROUP, N_ADV, TRAINER_MARKS, ModelRecorder, make_trainer
 from trl_variations import record_loss_calls
 
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import to_dataset
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = TRAINER_MARKS
 
 
 def test_adversarial_flags_travel_with_shuffled_rows_into_micro_batches(

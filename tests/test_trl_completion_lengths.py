@@ -17,17 +17,14 @@ from collections import Counter
 
 import pytest
 import torch
-from trl_helpers import GROUP, N_ADV, make_trainer
+from trl_helpers import GROUP, N_ADV, TRAINER_MARKS, make_trainer
 from trl_variations import GenerateRecorder, attack_beside_naive, record_loss_calls, trimmed
 
 import saei_fast.integrations.trl as integration
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import to_dataset
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = TRAINER_MARKS
 
 MAX_LENGTH = 5
 # Completion lengths (end token included) per generate call, rows in call order: step 1's

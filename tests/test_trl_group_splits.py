@@ -13,6 +13,7 @@ import pytest
 import torch
 from trl_helpers import (
     ALPHA,
+    TRAINER_MARKS,
     ModelRecorder,
     Rewards,
     image_blocks,
@@ -25,10 +26,7 @@ import saei_fast.integrations.trl as integration
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import to_dataset
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = TRAINER_MARKS
 
 GROUP = 4
 

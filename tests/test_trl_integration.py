@@ -23,6 +23,7 @@ from trl_helpers import (
     GROUP,
     N_ADV,
     N_CLEAN,
+    TRAINER_MARKS,
     FakeVLLMServer,
     ModelRecorder,
     Rewards,
@@ -42,12 +43,7 @@ from saei_fast.integrations.trl import (
     check_whole_groups_per_process,
 )
 
-# transformers 5 deprecates TrainingArguments names that TRL 1.16 still sets.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
-    # shared_fixtures.py: one intra-op thread for the whole module (tiny models).
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = TRAINER_MARKS
 
 
 # ---- a real SaEI training run, recorded ------------------------------------------------------

@@ -19,6 +19,7 @@ from trl_helpers import (
     GROUP,
     N_ADV,
     N_CLEAN,
+    TRAINER_MARKS,
     FakeVLLMServer,
     ModelRecorder,
     make_trainer,
@@ -28,10 +29,7 @@ import saei_fast
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import colour_examples
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = TRAINER_MARKS
 
 IMAGES_PER_PROMPT = 2
 

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trl_helpers import GROUP, N_ADV, N_CLEAN, make_trainer
+from trl_helpers import GROUP, N_ADV, N_CLEAN, TRAINER_MARKS, make_trainer
 from trl_variations import GenerateRecorder
 
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import to_dataset
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = TRAINER_MARKS
 
 
 @pytest.mark.parametrize("fused_head", [True, False])

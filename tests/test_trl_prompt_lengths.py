@@ -15,7 +15,7 @@ import dataclasses
 
 import pytest
 import torch
-from trl_helpers import ALPHA, N_ADV, N_CLEAN, make_trainer
+from trl_helpers import ALPHA, N_ADV, N_CLEAN, TRAINER_MARKS, make_trainer
 from trl_variations import GenerateRecorder, attack_beside_naive, record_loss_calls
 
 import saei_fast
@@ -23,10 +23,7 @@ import saei_fast.integrations.trl as integration
 from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import colour_examples, to_dataset
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = TRAINER_MARKS
 
 
 def test_prompts_of_different_lengths(processor, tmp_path, monkeypatch):

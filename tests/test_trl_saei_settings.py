@@ -12,6 +12,7 @@ from trl_helpers import (
     GROUP,
     N_ADV,
     N_CLEAN,
+    TRAINER_MARKS,
     ModelRecorder,
     Rewards,
     image_blocks,
@@ -26,11 +27,7 @@ from saei_fast.demo.model import demo_model
 from saei_fast.demo.task import to_dataset
 from saei_fast.integrations.trl import SaEIConfig, SaEIGRPOTrainer
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
-    # shared_fixtures.py: one intra-op thread for the whole module (tiny models).
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = TRAINER_MARKS
 
 
 def recorded_attacks(monkeypatch) -> list[dict]:
@@ -107,30 +104,26 @@ def test_random_control_arm_steps_alpha_in_random_directions(
 
 def test_random_signs_are_seeded_by_seed_step_and_process(processor, examples, tmp_path):
     model = demo_model(processor, hidden_size=32, seed=0)
-    trainer = make_trainer(
-        model,
-        processor,
-        to_dataset(examples),
-        tmp_path,
-        full_length=False,
-        saei_perturbation="random",
-        seed=5,
-    )
+
+    def random_control(seed):
+        return make_trainer(
+            model,
+            processor,
+            to_dataset(examples),
+            tmp_path,
+            full_length=False,
+            saei_perturbation="random",
+            seed=seed,
+        )
+
+    trainer = random_control(5)
     draws = {}
     for step in (0, 0, 1):
         trainer.state.global_step = step
         draws.setdefault(step, []).append(torch.rand(8, generator=trainer._saei_generator()))
     assert torch.equal(draws[0][0], draws[0][1])
     assert not torch.equal(draws[0][0], draws[1][0])
-    other = make_trainer(
-        model,
-        processor,
-        to_dataset(examples),
-        tmp_path,
-        full_length=False,
-        saei_perturbation="random",
-        seed=6,
-    )
+    other = random_control(6)
     other.state.global_step = 0
     assert not torch.equal(torch.rand(8, generator=other._saei_generator()), draws[0][0])
 

@@ -4,6 +4,7 @@ backend."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from saei_fast.demo.model import vision_token_ids
@@ -13,6 +14,14 @@ N_CLEAN, N_ADV = 2, 2
 GROUP = N_CLEAN + N_ADV
 ALPHA = 8 / 255
 PATCHES = 16  # a 56 x 56 image: 4 x 4 patches of 14 pixels
+
+# A trainer test file's ``pytestmark``: transformers 5 deprecates TrainingArguments names that
+# TRL 1.16 still sets, and the tiny models run on one intra-op thread for the whole module
+# (``one_thread`` in shared_fixtures.py).
+TRAINER_MARKS = [
+    pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def no_stop_tokens(model, processor) -> list[int]:
