@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from op_helpers import DEVICE, INTERPRETER_WARNINGS
 
 import saei_fast
 from saei_fast import AttackConfig, entropy_attack, pixels
@@ -29,13 +30,8 @@ from saei_fast.reference import (
 from saei_fast.rollout import adversarial_row_mask, saei_rollout
 from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-]
+pytestmark = INTERPRETER_WARNINGS
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = 5e-324  # the smallest positive double
 ONE_UP = math.nextafter(1.0, 2.0)
 # float32 rounds 1/T to +inf from 2**128 - 2**103 up (half an ulp above its largest value):

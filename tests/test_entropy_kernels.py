@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from op_helpers import DEVICE, INTERPRETER_WARNINGS
 
 from saei_fast.kernels._plan import TARGETS
 from saei_fast.kernels.entropy_logits import (
@@ -24,13 +25,7 @@ from saei_fast.kernels.entropy_logits import (
 )
 from saei_fast.reference import entropy_reference, logprobs_and_entropy_reference
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-]
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = INTERPRETER_WARNINGS
 
 
 def _gen(seed: int) -> torch.Generator:
