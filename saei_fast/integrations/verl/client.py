@@ -141,7 +141,14 @@ class RayAttackClient:
         self.calls = 0
 
     def dispatcher(self):
-        """The one dispatcher of these workers, created here if no process has yet."""
+        """The one dispatcher of these workers, created here if no process has yet.
+
+        Detached: a non-detached actor dies with the handles of the process that created it,
+        and the handles other processes get by name do not keep it alive, so the first agent
+        loop process to drop its client would fail every other process's calls. The dispatcher
+        holds no resources (no CPU, no state but the workers' handles) and is named after this
+        worker group, so it ends with the Ray cluster and never meets another run's workers.
+        """
         if self._dispatcher is None:
             import ray
 
@@ -150,6 +157,7 @@ class RayAttackClient:
                 .options(
                     name=dispatcher_name(self.worker_names),
                     get_if_exists=True,
+                    lifetime="detached",
                     num_cpus=0,  # it only waits on the workers
                     max_concurrency=1,
                 )
