@@ -34,14 +34,19 @@ def check_float_tensor(name: str, value: object, *, min_dim: int = 0) -> torch.T
     return tensor
 
 
+_MIN_TEMPERATURE = 1.0 / (2.0**128 - 2.0**103)
+
+
 def check_temperature(temperature: object) -> float:
     """A temperature > 0 whose inverse is finite in float32: the kernels multiply by 1/T in
     fp32, so T = 1e-39 (1/T overflows to inf) would turn every entropy into NaN."""
     value = check_positive_float("temperature", temperature)
     if not math.isfinite(float(torch.tensor(1.0 / value, dtype=torch.float32))):
+        # The exact limit is 1 / (2**128 - 2**103), the reciprocal of the halfway point
+        # above float32's largest value (1/T rounds to inf from there), about 2.9387e-39.
         raise ValueError(
-            f"temperature must be >= {1.0 / torch.finfo(torch.float32).max:.3e} so that "
-            f"1/temperature is finite in float32, got {value}"
+            f"temperature must be at least 1 / (2**128 - 2**103) = {_MIN_TEMPERATURE:.5e} so "
+            f"that 1/temperature rounds to a finite float32, got {value}"
         )
     return value
 
