@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from saei_fast.ops._checks import check_same_device, check_tensor
+from saei_fast.validation import check_same_device, check_tensor
 
 
 def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:

@@ -52,14 +52,14 @@ from saei_fast._attack_model import (
 from saei_fast._row_layout import RowLayout
 from saei_fast.memory import track_peak_memory
 from saei_fast.ops import band_entropy_objective, entropy_band_mask, linear_entropy
-from saei_fast.ops._checks import (
+from saei_fast.pixels.base import PixelSpace
+from saei_fast.validation import (
     check_band,
     check_choice,
     check_positive_float,
     check_positive_int,
     check_temperature,
 )
-from saei_fast.pixels.base import PixelSpace
 
 if TYPE_CHECKING:
     from PIL import Image

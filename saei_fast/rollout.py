@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from saei_fast.ops._checks import (
+from saei_fast.validation import (
     check_float_tensor,
     check_non_negative_float,
     check_positive_int,

@@ -74,14 +74,14 @@ from saei_fast.integrations._vllm_prompts import (
     double_expansion_message,
     length_mismatches,
 )
-from saei_fast.ops._checks import (
+from saei_fast.rollout import saei_rollout
+from saei_fast.validation import (
     check_band,
     check_choice,
     check_positive_float,
     check_positive_int,
     check_temperature,
 )
-from saei_fast.rollout import saei_rollout
 
 logger = get_logger(__name__)
 

@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from saei_fast.ops._checks import (
+from saei_fast.ops.dispatch import resolve_impl
+from saei_fast.validation import (
     check_band,
     check_choice,
     check_cu_seqlens,
@@ -26,7 +27,6 @@ from saei_fast.ops._checks import (
     check_no_nan,
     check_positive_int,
 )
-from saei_fast.ops.dispatch import resolve_impl
 
 SCOPES = ("sequence", "group", "batch")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from saei_fast.ops import _torch_entropy
-from saei_fast.ops._checks import check_float_tensor, check_labels, check_mask, check_temperature
 from saei_fast.ops.dispatch import resolve_impl
+from saei_fast.validation import check_float_tensor, check_labels, check_mask, check_temperature
 
 # -------------------------------------------------------------------------------------------
 # Custom ops: forward and backward, each dispatching to Triton or PyTorch

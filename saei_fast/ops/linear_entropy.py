@@ -35,7 +35,14 @@ from __future__ import annotations
 import torch
 
 from saei_fast.ops import _torch_entropy
-from saei_fast.ops._checks import (
+from saei_fast.ops._linear_paths import (
+    keep_rows,
+    linear_backward,
+    linear_entropy_with_input_grad,
+    linear_forward,
+)
+from saei_fast.ops.dispatch import resolve_impl, triton_interpreting
+from saei_fast.validation import (
     check_float_tensor,
     check_labels,
     check_mask,
@@ -44,13 +51,6 @@ from saei_fast.ops._checks import (
     check_temperature,
     check_tensor,
 )
-from saei_fast.ops._linear_paths import (
-    keep_rows,
-    linear_backward,
-    linear_entropy_with_input_grad,
-    linear_forward,
-)
-from saei_fast.ops.dispatch import resolve_impl, triton_interpreting
 
 # Implementations the custom ops accept: the PyTorch path, the fused Triton kernels, and the
 # chunked Triton variant (matmul + logits kernels per chunk), kept for benchmarking.

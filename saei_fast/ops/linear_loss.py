@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 
-from saei_fast.ops._checks import check_labels, check_mask, check_temperature, check_tensor
 from saei_fast.ops._token_loss_paths import TokenLoss, token_loss_and_grads
 from saei_fast.ops.dispatch import resolve_impl
 from saei_fast.ops.linear_entropy import (
@@ -26,6 +25,7 @@ from saei_fast.ops.linear_entropy import (
     _check_linear,
     _op_impl,
 )
+from saei_fast.validation import check_labels, check_mask, check_temperature, check_tensor
 
 
 class _LinearTokenLoss(torch.autograd.Function):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from saei_fast.ops._checks import check_float_tensor, check_positive_float, check_same_device
+from saei_fast.validation import check_float_tensor, check_positive_float, check_same_device
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from saei_fast.ops._checks import check_float_tensor, check_positive_int, check_tensor
 from saei_fast.pixels.base import PixelSpace, check_images, image_dtype
+from saei_fast.validation import check_float_tensor, check_positive_int, check_tensor
 
 
 class ImageSpace(PixelSpace):

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from saei_fast.ops._checks import check_band, check_choice, check_positive_float, check_positive_int
+from saei_fast.validation import check_band, check_choice, check_positive_float, check_positive_int
 
 AGENT_LOOP_NAME = "saei_agent"
 TRAINER_NAME = "saei_sync"

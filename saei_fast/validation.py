@@ -1,4 +1,5 @@
-"""Argument checks shared by the public ops.
+"""Argument validation for the whole package: the ops, pixel spaces, attack, rollout and
+integrations all check their inputs here.
 
 Every check runs before any work and raises a ``TypeError`` (wrong kind of value) or a
 ``ValueError`` (right kind, wrong value) that names the argument, what was expected and what
@@ -34,7 +35,7 @@ def check_float_tensor(name: str, value: object, *, min_dim: int = 0) -> torch.T
     return tensor
 
 
-_MIN_TEMPERATURE = 1.0 / (2.0**128 - 2.0**103)
+MIN_TEMPERATURE = 1.0 / (2.0**128 - 2.0**103)
 
 
 def check_temperature(temperature: object) -> float:
@@ -45,7 +46,7 @@ def check_temperature(temperature: object) -> float:
         # The exact limit is 1 / (2**128 - 2**103), the reciprocal of the halfway point
         # above float32's largest value (1/T rounds to inf from there), about 2.9387e-39.
         raise ValueError(
-            f"temperature must be at least 1 / (2**128 - 2**103) = {_MIN_TEMPERATURE:.5e} so "
+            f"temperature must be at least 1 / (2**128 - 2**103) = {MIN_TEMPERATURE:.5e} so "
             f"that 1/temperature rounds to a finite float32, got {value}"
         )
     return value
