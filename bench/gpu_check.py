@@ -126,7 +126,7 @@ def load_report(device: torch.device, out: Path, path: str | None) -> list[dict]
     if path:
         return json.loads(Path(path).read_text())
     from saei_fast.kernel_report.build import build_report
-    from saei_fast.kernels._plan import target_for
+    from saei_fast.kernels.plan import target_for
 
     target = target_for(device)
     # AMD targets keep their family's name; NVIDIA ones are named after the device (sm_89).
@@ -212,7 +212,7 @@ def tma_rows(device: torch.device, records: list[dict]) -> list[dict]:
 
     from saei_fast.benchmarks.timing import interleaved
     from saei_fast.kernels._linear_config import chunk_rows, gemm_config
-    from saei_fast.kernels._plan import target_for
+    from saei_fast.kernels.plan import target_for
     from saei_fast.kernels.linear_entropy import linear_entropy_fwd
 
     if device.type != "cuda" or not tma_device(device):

@@ -14,7 +14,7 @@ import struct
 
 import triton
 
-from saei_fast.kernels._plan import Target
+from saei_fast.kernels.plan import Target
 
 RADIX_BITS = 8
 NUM_BINS = 1 << RADIX_BITS

@@ -22,7 +22,7 @@ from saei_fast.kernels._band_kernels import (
     _band_chunk_select_kernel,
     _band_segment_kernel,
 )
-from saei_fast.kernels._plan import TRITON_DTYPE, LaunchPlan, Target
+from saei_fast.kernels.plan import TRITON_DTYPE, LaunchPlan, Target
 
 # The benchmark shapes (saei_fast.benchmarks.band_cases): 64 responses of 4096 tokens and 16 of
 # 16384, float32 entropy (what the entropy ops return) with a right-padded bool mask, at each

@@ -18,7 +18,7 @@ import dataclasses
 import torch
 import triton
 
-from saei_fast.kernels._plan import Target
+from saei_fast.kernels.plan import Target
 
 
 @dataclasses.dataclass(frozen=True)

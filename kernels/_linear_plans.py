@@ -22,7 +22,7 @@ from saei_fast.kernels._linear_config import (
     gemm_config,
     training_gemms,
 )
-from saei_fast.kernels._plan import TRITON_DTYPE, LaunchPlan, Target
+from saei_fast.kernels.plan import TRITON_DTYPE, LaunchPlan, Target
 from saei_fast.kernels.linear_entropy import (
     MERGE_BLOCK,
     _linear_entropy_fwd_kernel,

@@ -42,7 +42,7 @@ from saei_fast.kernels._band_kernels import (
     _band_segment_kernel,
 )
 from saei_fast.kernels._band_plans import benchmark_plans
-from saei_fast.kernels._plan import target_for
+from saei_fast.kernels.plan import target_for
 
 __all__ = ["BandConfig", "band_config", "band_select", "benchmark_plans"]
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from saei_fast.kernels._plan import TRITON_DTYPE, LaunchPlan, Target, target_for
+from saei_fast.kernels.plan import TRITON_DTYPE, LaunchPlan, Target, target_for
 
 LOG2E_VALUE = 1.4426950408889634
 LOG2E = tl.constexpr(LOG2E_VALUE)

@@ -68,7 +68,7 @@ from saei_fast.kernels._linear_config import (
     fwd_schedule,
     gemm_config,
 )
-from saei_fast.kernels._plan import LaunchPlan, Target, target_for
+from saei_fast.kernels.plan import LaunchPlan, Target, target_for
 
 # -------------------------------------------------------------------------------------------
 # Kernels

@@ -57,7 +57,7 @@ from saei_fast.kernels._linear_config import (
     gemm_config,
     training_gemms,
 )
-from saei_fast.kernels._plan import TRITON_DTYPE, LaunchPlan, Target, target_for
+from saei_fast.kernels.plan import TRITON_DTYPE, LaunchPlan, Target, target_for
 from saei_fast.kernels.linear_entropy import (
     _bias_and_mask,
     _check_blocks,

@@ -59,7 +59,7 @@ def _triton_status() -> str:
 
 def _target_line(device) -> str:
     """The GPU target the launchers choose configurations for on ``device``."""
-    from saei_fast.kernels._plan import target_for
+    from saei_fast.kernels.plan import target_for
 
     target = target_for(device)
     units = "CUs" if target.is_amd else "SMs"

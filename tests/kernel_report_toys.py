@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from saei_fast.kernels._plan import LaunchPlan, Target
+from saei_fast.kernels.plan import LaunchPlan, Target
 
 
 @triton.jit

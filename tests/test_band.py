@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import saei_fast
 from saei_fast import validation as _checks
 from saei_fast.kernels import band_select as band_kernels
-from saei_fast.kernels._plan import TARGETS
+from saei_fast.kernels.plan import TARGETS
 from saei_fast.kernels.band_select import band_config, band_select, benchmark_plans
 from saei_fast.ops.band import (
     SCOPES,

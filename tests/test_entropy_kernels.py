@@ -14,7 +14,7 @@ import pytest
 import torch
 from op_helpers import DEVICE, INTERPRETER_WARNINGS
 
-from saei_fast.kernels._plan import TARGETS
+from saei_fast.kernels.plan import TARGETS
 from saei_fast.kernels.entropy_logits import (
     BENCHMARK_SHAPES,
     benchmark_plans,

@@ -27,7 +27,7 @@ import torch
 
 from saei_fast.kernel_report import amd, nvidia
 from saei_fast.kernel_report.roofline import estimate_us, wave_efficiency
-from saei_fast.kernels._plan import TARGETS
+from saei_fast.kernels.plan import TARGETS
 
 TESTS = Path(__file__).resolve().parent
 ARCHES = ("sm_90", "sm_80", "gfx942", "gfx90a")
@@ -524,7 +524,7 @@ def test_report_lists_lm_head_gemms_per_token_by_path():
     from the plans' own counts: no compile needed."""
     from saei_fast.kernel_report.report import gemm_counts
     from saei_fast.kernels._linear_plans import linear_benchmark_plans
-    from saei_fast.kernels._plan import TARGETS
+    from saei_fast.kernels.plan import TARGETS
 
     plans = linear_benchmark_plans(TARGETS["sm_90"])
     lines = gemm_counts([{"extra": p.extra, "shape": p.shape} for p in plans])

@@ -588,7 +588,7 @@ def test_benchmark_plans_keep_the_gpu_busy(target_name):
     """Every launch of the benchmark shapes keeps >= 90% of the GPU's resident slots busy
     until its last tile; the forward's persistent grid never exceeds the resident programs;
     the training path runs 3 GEMMs while the kept chunk covers the rows (N <= 3456 here)."""
-    from saei_fast.kernels._plan import TARGETS
+    from saei_fast.kernels.plan import TARGETS
     from saei_fast.kernels.linear_entropy import benchmark_plans
 
     target = TARGETS[target_name]
@@ -614,7 +614,7 @@ def test_benchmark_plans_keep_the_gpu_busy(target_name):
 def test_forward_schedule_for_any_row_count(target_name, n_rows):
     """Odd token counts too: the persistent grid is chosen per launch, not per shape list."""
     from saei_fast.kernels._linear_config import fwd_schedule, gemm_config
-    from saei_fast.kernels._plan import TARGETS
+    from saei_fast.kernels.plan import TARGETS
 
     target = TARGETS[target_name]
     config = gemm_config(target, torch.bfloat16)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from saei_fast.kernels import linear_entropy, linear_entropy_tma
-from saei_fast.kernels._plan import TARGETS
+from saei_fast.kernels.plan import TARGETS
 from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
 from saei_fast.reference import (
     linear_logprobs_and_entropy_reference,

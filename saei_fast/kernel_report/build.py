@@ -18,7 +18,7 @@ from pathlib import Path
 
 from saei_fast.kernel_report import compile as compile_
 from saei_fast.kernel_report.report import markdown, record, write_json
-from saei_fast.kernels._plan import TARGETS
+from saei_fast.kernels.plan import TARGETS
 
 
 @contextlib.contextmanager

@@ -45,7 +45,7 @@ def plans_of(module_name: str, target_name: str) -> list:
     """``benchmark_plans(target)`` of a kernel module (cached per worker process)."""
     if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
         raise RuntimeError("kernel plans must be built with TRITON_INTERPRET unset")
-    from saei_fast.kernels._plan import TARGETS
+    from saei_fast.kernels.plan import TARGETS
 
     module = importlib.import_module(module_name)
     if not hasattr(module, "benchmark_plans"):
@@ -85,7 +85,7 @@ def _jsonable(value: Any) -> Any:
 
 def describe(module_name: str, target_name: str) -> list[dict]:
     """Plain-data description of every plan of a module (run in a worker)."""
-    from saei_fast.kernels._plan import TRITON_DTYPE
+    from saei_fast.kernels.plan import TRITON_DTYPE
 
     described = []
     for index, plan in enumerate(plans_of(module_name, target_name)):
@@ -142,7 +142,7 @@ def compile_plan(module_name: str, index: int, target_name: str, out_dir: str) -
     import triton
 
     from saei_fast.kernel_report import amd, nvidia
-    from saei_fast.kernels._plan import TARGETS
+    from saei_fast.kernels.plan import TARGETS
 
     target = TARGETS[target_name]
     plan = plans_of(module_name, target_name)[index]

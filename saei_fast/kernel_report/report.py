@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from saei_fast.kernel_report.roofline import estimate_us, wave_efficiency
-from saei_fast.kernels._plan import Target
+from saei_fast.kernels.plan import Target
 
 LABEL = (
     "Compile-time estimates: registers, spills, load widths and instruction counts are read "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from saei_fast.kernels._plan import Target
+from saei_fast.kernels.plan import Target
 
 # Dense peaks other than 16-bit tensor-core FLOP/s (that one is ``Target.dense_flops``), from
 # the vendors' data sheets: fp32 through tensor cores (TF32 / XF32; MI250X has no XF32, so its

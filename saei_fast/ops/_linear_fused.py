@@ -26,7 +26,7 @@ def default_chunk_rows(vocab_size: int, dtype: torch.dtype, device: torch.device
     """Rows per chunk of the fused paths (kept logits, gradient chunks): the kernels' own
     choice, the one ``benchmark_plans`` reports."""
     from saei_fast.kernels._linear_config import chunk_rows, gemm_config
-    from saei_fast.kernels._plan import target_for
+    from saei_fast.kernels.plan import target_for
 
     return chunk_rows(dtype, vocab_size, gemm_config(target_for(device), dtype).block_n)
 

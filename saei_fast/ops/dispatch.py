@@ -1,4 +1,13 @@
-"""Which implementation an op runs: Triton kernels or the memory-light PyTorch path.
+"""The one dispatch point: which implementation an op runs, and with which kernel options.
+
+Every op asks here, and only here, which implementation runs (``impl=``, ``SAEI_IMPL``, the
+device, the float64 rule) and, on the Triton path, which opt-in choices its launchers get
+(``SAEI_AUTOTUNE``, ``SAEI_LINEAR_TMA``, ``TRITON_INTERPRET``, ``SAEI_TARGET``): they travel
+down as one :class:`~saei_fast.kernels.plan.KernelOptions`, and nothing under ``kernels/``
+reads the environment. The variables are read at every call, so a change takes effect on
+the next launch.
+
+Which implementation: Triton kernels or the memory-light PyTorch path.
 
 GPU tensors go to Triton, CPU tensors to the chunked PyTorch path. A ROCm build of torch
 (``torch.version.hip`` set) exposes AMD GPUs as ``cuda`` devices, and Triton compiles the
@@ -16,6 +25,8 @@ import os
 
 import torch
 
+from saei_fast.kernels.plan import KernelOptions
+
 IMPLS = ("auto", "triton", "torch")
 
 
@@ -29,9 +40,31 @@ def triton_available() -> bool:
     return True
 
 
+def _flag(name: str) -> bool:
+    """An on/off environment variable: unset, empty or ``0`` is off."""
+    return os.environ.get(name, "0") not in ("", "0")
+
+
 def triton_interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _flag("TRITON_INTERPRET")
+
+
+# The opt-in TMA forward of the linear kernels (sm_90 only, unmeasured): off unless set.
+LINEAR_TMA_ENV = "SAEI_LINEAR_TMA"
+
+
+def kernel_options() -> KernelOptions:
+    """The options every Triton launch gets now: the opt-in configuration search
+    (``SAEI_AUTOTUNE=1``), the opt-in
+    TMA linear forward (``SAEI_LINEAR_TMA=1``), whether the kernels run in the interpreter,
+    and the target CPU tensors choose their configuration for (``SAEI_TARGET``, sm_90)."""
+    return KernelOptions(
+        autotune=_flag("SAEI_AUTOTUNE"),
+        linear_tma=_flag(LINEAR_TMA_ENV),
+        interpreting=triton_interpreting(),
+        cpu_target=os.environ.get("SAEI_TARGET", "sm_90"),
+    )
 
 
 def is_gpu(device: torch.device) -> bool:
@@ -62,3 +95,11 @@ def resolve_impl(impl: str | None, device: torch.device) -> str:
             "set TRITON_INTERPRET=1 before importing saei_fast to run the kernels on the CPU"
         )
     return "triton"
+
+
+def op_impl(impl: str | None, tensor: torch.Tensor) -> str:
+    """:func:`resolve_impl` for an op's main input, with the float64 rule: float64 inputs
+    (gradient checks) always run on the PyTorch path, because the kernels accumulate in
+    float32."""
+    resolved = resolve_impl(impl, tensor.device)
+    return "torch" if tensor.dtype == torch.float64 else resolved

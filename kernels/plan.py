@@ -1,8 +1,8 @@
-"""What a launcher will launch, described without launching it.
+"""What a launcher will launch, described without launching it, and the options it is given.
 
-Every kernel module chooses its block sizes, warps, stages and splits in one place (a
-``*_config`` function that takes a :class:`Target`), uses that choice when it launches, and
-exposes the same choice as :class:`LaunchPlan` records through ``benchmark_plans(target)``.
+Every op's kernels choose their block sizes, warps, stages and splits in one place (a
+``*_config`` function that takes a :class:`Target`), use that choice when they launch, and
+expose the same choice as :class:`LaunchPlan` records through ``benchmark_plans(target)``.
 ``saei-fast kernels`` compiles those plans for a GPU target on a machine without a GPU and
 reads registers, spills, load widths and instruction counts from the binary, so the report
 describes exactly what a real launch of the benchmark shapes would run.
@@ -11,7 +11,6 @@ describes exactly what a real launch of the benchmark shapes would run.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import torch
@@ -53,11 +52,12 @@ TARGETS: dict[str, Target] = {
 }
 
 
-def target_for(device: torch.device) -> Target:
+def target_for(device: torch.device, cpu_target: str = "sm_90") -> Target:
     """The :class:`Target` for a tensor's device: the real GPU's SM count on CUDA/ROCm, and
-    sm_90 for CPU tensors (the Triton interpreter), so tests exercise the Hopper choice."""
+    ``cpu_target`` (sm_90 unless the dispatch says otherwise) for CPU tensors (the Triton
+    interpreter), so tests exercise the Hopper choice."""
     if device.type != "cuda" or not torch.cuda.is_available():
-        return TARGETS[os.environ.get("SAEI_TARGET", "sm_90")]
+        return TARGETS[cpu_target]
     props = torch.cuda.get_device_properties(device)
     if getattr(torch.version, "hip", None):
         arch = props.gcnArchName.split(":")[0]
@@ -71,6 +71,34 @@ def target_for(device: torch.device) -> Target:
         arch=major * 10 + minor,
         sm_count=props.multi_processor_count,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """The launch choices that are not read from the tensors, decided by the host's one
+    dispatch point (``saei_fast.ops.dispatch.kernel_options``) and handed to every launcher:
+    nothing under ``kernels/`` reads the environment.
+
+    ``autotune``: search a small set of configurations instead of the one shipped
+    (``SAEI_AUTOTUNE``; a launcher whose search needs the GPU's benchmarker skips it under
+    the interpreter).
+    ``linear_tma``: the opt-in TMA forward of the linear kernels (``SAEI_LINEAR_TMA``).
+    ``interpreting``: the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET``).
+    ``cpu_target``: the :class:`Target` whose choices CPU tensors get under the interpreter.
+    The defaults are what a launch gets with none of those variables set.
+    """
+
+    autotune: bool = False
+    linear_tma: bool = False
+    interpreting: bool = False
+    cpu_target: str = "sm_90"
+
+    def target(self, device: torch.device) -> Target:
+        """The :class:`Target` a launch on ``device`` chooses its configuration for."""
+        return target_for(device, self.cpu_target)
+
+
+DEFAULT_OPTIONS = KernelOptions()
 
 
 @dataclasses.dataclass(frozen=True)
