@@ -1,7 +1,7 @@
 """Glue between pytest-benchmark and the package's benchmark registry.
 
 The cases (providers, shapes by device, inputs, bytes/FLOPs) live in
-``saei_fast.benchmarks`` so that ``pytest bench/`` and ``saei-fast bench`` time the same
+``saei_fast.tools.benchmarks`` so that ``pytest bench/`` and ``saei-fast bench`` time the same
 calls; ``bench_case`` runs one of them under pytest-benchmark. CUDA timings synchronise, warm
 up and evict the inputs from L2 before every round (outside the timed region); every case
 records the device, versions, date, bytes moved or FLOPs, the throughput, the % of the
@@ -16,13 +16,13 @@ import os
 import pytest
 import torch
 
-from saei_fast.benchmarks.cases import Case, prepare, skip_reason
-from saei_fast.benchmarks.peaks import device_peaks
-from saei_fast.benchmarks.runner import case_metrics
-from saei_fast.benchmarks.runner import run_info as _run_info
-from saei_fast.benchmarks.timing import cache_flusher
-from saei_fast.benchmarks.timing import synchronized as _synchronized
 from saei_fast.memory import peak_memory_of
+from saei_fast.tools.benchmarks.cases import Case, prepare, skip_reason
+from saei_fast.tools.benchmarks.peaks import device_peaks
+from saei_fast.tools.benchmarks.runner import case_metrics
+from saei_fast.tools.benchmarks.runner import run_info as _run_info
+from saei_fast.tools.benchmarks.timing import cache_flusher
+from saei_fast.tools.benchmarks.timing import synchronized as _synchronized
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # SAEI_BENCH_QUICK=1: the `saei-fast bench --quick` shapes (one small shape per op).

@@ -2,7 +2,7 @@
 
 For the GPU check script (``correctness(device)`` and ``timings(device)`` return lists of
 dicts); inputs and providers are the benchmark registry's
-(``saei_fast.benchmarks.band_cases``). It also runs on a CPU with tiny shapes:
+(``saei_fast.tools.benchmarks.band_cases``). It also runs on a CPU with tiny shapes:
 ``python bench/gpu_band.py cpu`` (Triton cases then need ``TRITON_INTERPRET=1``).
 
 Providers, each ``fn(entropy [B, T], mask [B, T]) -> bool [B, T]``:
@@ -26,7 +26,10 @@ import time
 import torch
 
 import saei_fast
-from saei_fast.benchmarks.band_cases import (
+from saei_fast.ops.band import flat_segments
+from saei_fast.ops.dispatch import triton_interpreting
+from saei_fast.reference import entropy_band_mask_reference
+from saei_fast.tools.benchmarks.band_cases import (
     BAND,
     CUDA_SHAPES,
     SCOPED_PROVIDERS,
@@ -34,9 +37,6 @@ from saei_fast.benchmarks.band_cases import (
     band_provider,
     count_host_syncs,
 )
-from saei_fast.ops.band import flat_segments
-from saei_fast.ops.dispatch import triton_interpreting
-from saei_fast.reference import entropy_band_mask_reference
 
 # Inputs, providers and shapes are the benchmark registry's, so this script, `pytest bench/`
 # and `saei-fast bench` time the same calls.

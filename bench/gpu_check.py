@@ -17,7 +17,7 @@ the same op, shape and dtype (``saei-fast kernels``; built here for the device's
 Correctness: entropy + log-probs on random and adversarial logits (peaked, uniform, huge,
 -inf entries) here, and the ``correctness(device)`` sections of ``bench/gpu_<op>.py`` (band
 selection exactness with ties, linear entropy accuracy rule). Timings: the benchmark
-registry (``saei_fast.benchmarks``), the same cases as ``pytest bench/`` and
+registry (``saei_fast.tools.benchmarks``), the same cases as ``pytest bench/`` and
 ``saei-fast bench``; cases left when the time budget runs out are listed as skipped.
 """
 
@@ -36,12 +36,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from saei_fast.benchmarks import cases_for
-from saei_fast.benchmarks.peaks import device_peaks
-from saei_fast.benchmarks.report import tables, write_outputs
-from saei_fast.benchmarks.runner import run_cases, run_info
 from saei_fast.ops import logprobs_and_entropy
 from saei_fast.reference import logprobs_and_entropy_reference, naive_logprobs_and_entropy
+from saei_fast.tools.benchmarks import cases_for
+from saei_fast.tools.benchmarks.peaks import device_peaks
+from saei_fast.tools.benchmarks.report import tables, write_outputs
+from saei_fast.tools.benchmarks.runner import run_cases, run_info
 
 OP_MODULES = ("gpu_band", "gpu_linear")
 
@@ -125,8 +125,8 @@ def load_report(device: torch.device, out: Path, path: str | None) -> list[dict]
     device's target family (compiling takes well under a minute on a GPU host's CPUs)."""
     if path:
         return json.loads(Path(path).read_text())
-    from saei_fast.kernel_report.build import build_report
     from saei_fast.kernels.plan import target_for
+    from saei_fast.tools.kernel_report.build import build_report
 
     target = target_for(device)
     # AMD targets keep their family's name; NVIDIA ones are named after the device (sm_89).
@@ -210,10 +210,10 @@ def tma_rows(device: torch.device, records: list[dict]) -> list[dict]:
     sm_90 (the TMA forward runs there only)."""
     from gpu_linear import tma_device, tma_switch
 
-    from saei_fast.benchmarks.timing import interleaved
     from saei_fast.kernels._linear_config import chunk_rows, gemm_config
-    from saei_fast.kernels.plan import target_for
     from saei_fast.kernels.linear_entropy import linear_entropy_fwd
+    from saei_fast.kernels.plan import target_for
+    from saei_fast.tools.benchmarks.timing import interleaved
 
     if device.type != "cuda" or not tma_device(device):
         return []

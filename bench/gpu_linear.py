@@ -305,11 +305,11 @@ def correctness(device: str) -> list[dict]:
 
 
 def timings(device: str) -> list[dict]:
-    """The registry's linear-entropy rows (``saei_fast.benchmarks.linear_cases``): one per
+    """The registry's linear-entropy rows (``saei_fast.tools.benchmarks.linear_cases``): one per
     (shape, mode, provider), with ms, nominal and executed TFLOP/s and peak memory; CPU runs
     use the ``--quick`` shape."""
-    from saei_fast.benchmarks import cases_for
-    from saei_fast.benchmarks.runner import run_cases
+    from saei_fast.tools.benchmarks import cases_for
+    from saei_fast.tools.benchmarks.runner import run_cases
 
     dev = torch.device(device)
     return run_cases(cases_for(["linear_entropy"], dev, quick=dev.type == "cpu"), dev)

@@ -33,7 +33,9 @@ import saei_fast
 from saei_fast import AttackConfig, entropy_attack, pixels
 from saei_fast.memory import peak_memory_of
 from saei_fast.reference import naive_attack_objective
-from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
+from saei_fast.tools.testing import (
+    random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch,
+)
 
 provider, rows, completion, repeats, layers = sys.argv[1], *map(int, sys.argv[2:6])
 model = tiny_qwen2_5_vl(
@@ -41,7 +43,7 @@ model = tiny_qwen2_5_vl(
     vision_hidden_size=256, vision_depth=4, vision_num_heads=4,
 )
 if provider.endswith("-ckpt"):
-    from saei_fast.integrations._checkpointing import switch_checkpointing
+    from saei_fast.integrations.shared.checkpointing import switch_checkpointing
     model.train()
     switch_checkpointing(model, True)
     provider = provider[: -len("-ckpt")]

@@ -21,8 +21,8 @@ import argparse
 import os
 import time
 
-from saei_fast.benchmarks.timing import busy_processes
 from saei_fast.memory import run_isolated
+from saei_fast.tools.benchmarks.timing import busy_processes
 
 _SETUP = """
 import json, os, sys, time, torch

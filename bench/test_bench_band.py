@@ -1,7 +1,7 @@
 """Entropy-rank band mask: ours vs per-row torch.sort and torch.quantile thresholding.
 
 Latency-bound; ``extra_info`` records the valid tokens, the minimum bytes and, on CUDA, the
-host syncs of one call. Cases: ``saei_fast.benchmarks.band_cases`` (shared with
+host syncs of one call. Cases: ``saei_fast.tools.benchmarks.band_cases`` (shared with
 ``saei-fast bench``).
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from benchutil import DEVICE, QUICK, bench_case
 
-from saei_fast.benchmarks import cases_for
-from saei_fast.benchmarks.band_cases import count_host_syncs
+from saei_fast.tools.benchmarks import cases_for
+from saei_fast.tools.benchmarks.band_cases import count_host_syncs
 
 CASES = cases_for(["band"], DEVICE, quick=QUICK)
 

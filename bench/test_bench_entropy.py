@@ -5,7 +5,7 @@ TRL's own ``entropy_from_logits`` and, on CUDA, TRL 1.16's Triton
 with the reason otherwise).
 
 The cases (providers, shapes per device, bytes moved) are
-``saei_fast.benchmarks.entropy_cases``, shared with ``saei-fast bench``.
+``saei_fast.tools.benchmarks.entropy_cases``, shared with ``saei-fast bench``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 from benchutil import DEVICE, QUICK, bench_case
 
-from saei_fast.benchmarks import cases_for
+from saei_fast.tools.benchmarks import cases_for
 
 CASES = cases_for(["entropy"], DEVICE, quick=QUICK)
 

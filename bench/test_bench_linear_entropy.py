@@ -7,7 +7,7 @@ attack: the backward is to ``hidden`` only. ``extra_info`` also holds the peak e
 of one call. Providers (ours, ours-chunked and ours-recompute on CUDA, naive, chunked, TRL
 1.16's fused head ``ChunkedLogProbFunction`` (CPU too), and on CUDA when installed verl's
 fused kernels and the loss-only Liger / cut-cross-entropy peers) and shapes:
-``saei_fast.benchmarks.linear_cases``, shared with ``saei-fast bench``.
+``saei_fast.tools.benchmarks.linear_cases``, shared with ``saei-fast bench``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 from benchutil import DEVICE, QUICK, bench_case
 
-from saei_fast.benchmarks import cases_for
+from saei_fast.tools.benchmarks import cases_for
 
 CASES = cases_for(["linear_entropy"], DEVICE, quick=QUICK)
 

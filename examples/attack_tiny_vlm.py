@@ -13,7 +13,12 @@ from pathlib import Path
 import torch
 
 import saei_fast
-from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
+from saei_fast.tools.testing import (
+    random_images,
+    tiny_qwen2_5_vl,
+    tiny_qwen_image_processor,
+    vlm_batch,
+)
 
 torch.manual_seed(0)
 model = tiny_qwen2_5_vl()

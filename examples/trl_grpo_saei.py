@@ -13,9 +13,9 @@ import argparse
 
 from datasets import Dataset
 
-from saei_fast.demo.model import demo_model, demo_processor
-from saei_fast.demo.task import colour_examples, task_words
 from saei_fast.integrations.trl import SaEIConfig, SaEIGRPOTrainer
+from saei_fast.tools.demo.model import demo_model, demo_processor
+from saei_fast.tools.demo.task import colour_examples, task_words
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=2)

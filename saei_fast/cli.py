@@ -146,13 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         "torch) each op uses for tensors on the default device. SAEI_IMPL is honoured.",
     )
     info_parser.set_defaults(run=info)
-    from saei_fast.demo.command import add_demo_parser
+    from saei_fast.tools.demo.command import add_demo_parser
 
     add_demo_parser(commands)
-    from saei_fast.benchmarks.command import add_bench_parser
+    from saei_fast.tools.benchmarks.command import add_bench_parser
 
     add_bench_parser(commands)
-    from saei_fast.kernel_report.command import add_kernels_parser
+    from saei_fast.tools.kernel_report.command import add_kernels_parser
 
     add_kernels_parser(commands)
     parser.subcommands = dict(commands.choices)

@@ -1,4 +1,4 @@
-"""Toy kernels with known compiled properties, to test ``saei_fast.kernel_report`` itself
+"""Toy kernels with known compiled properties, to test ``saei_fast.tools.kernel_report`` itself
 independently of the shipped kernels (imported by the report's compile workers, which run
 without ``TRITON_INTERPRET``).
 

@@ -27,8 +27,8 @@ def one_thread():
 def processor():
     """The demo task's processor: the tiny Qwen2.5-VL image processor and a word-level
     tokenizer over the task's words."""
-    from saei_fast.demo.model import demo_processor
-    from saei_fast.demo.task import task_words
+    from saei_fast.tools.demo.model import demo_processor
+    from saei_fast.tools.demo.task import task_words
 
     return demo_processor(task_words())
 
@@ -36,6 +36,6 @@ def processor():
 @pytest.fixture(scope="module")
 def examples():
     """Two colour-task examples (one image each), the same in every file that asks."""
-    from saei_fast.demo.task import colour_examples
+    from saei_fast.tools.demo.task import colour_examples
 
     return colour_examples(2, seed=3)

@@ -19,9 +19,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import saei_fast
 from saei_fast import AttackConfig, entropy_attack, pixels
 from saei_fast.attack import pixel_gradient
-from saei_fast.integrations._checkpointing import is_checkpointing, switch_checkpointing
+from saei_fast.integrations.shared.checkpointing import is_checkpointing, switch_checkpointing
 from saei_fast.reference import naive_attack_objective
-from saei_fast.testing import (
+from saei_fast.tools.testing import (
     random_images,
     tiny_idefics3,
     tiny_idefics3_image_processor,
@@ -449,13 +449,13 @@ def test_state_is_restored_when_the_attack_fails(qwen_processor, qwen_space):
 def test_head_sees_only_completion_positions(qwen, qwen_processor, qwen_space, monkeypatch):
     batch = _qwen_batch(qwen, qwen_processor, seed=5)
     seen = []
-    original = saei_fast.attack.linear_entropy
+    original = saei_fast.attack.passes.linear_entropy
 
     def recording(hidden, weight, **kwargs):
         seen.append(tuple(hidden.shape))
         return original(hidden, weight, **kwargs)
 
-    monkeypatch.setattr(saei_fast.attack, "linear_entropy", recording)
+    monkeypatch.setattr(saei_fast.attack.passes, "linear_entropy", recording)
     pixel_gradient(
         qwen,
         batch.inputs,

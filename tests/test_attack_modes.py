@@ -12,11 +12,16 @@ import pytest
 import torch
 
 from saei_fast import AttackConfig, entropy_attack, pixels
-from saei_fast._row_layout import RowLayout
 from saei_fast.attack import pixel_gradient
-from saei_fast.integrations._checkpointing import switch_checkpointing
+from saei_fast.attack.row_layout import RowLayout
+from saei_fast.integrations.shared.checkpointing import switch_checkpointing
 from saei_fast.reference import naive_attack_objective
-from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
+from saei_fast.tools.testing import (
+    random_images,
+    tiny_qwen2_5_vl,
+    tiny_qwen_image_processor,
+    vlm_batch,
+)
 
 ALPHA = 3 / 255
 

@@ -15,7 +15,12 @@ import torch
 from saei_fast import AttackConfig, entropy_attack, pixels
 from saei_fast.attack import pixel_gradient
 from saei_fast.reference import naive_attack_objective
-from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
+from saei_fast.tools.testing import (
+    random_images,
+    tiny_qwen2_5_vl,
+    tiny_qwen_image_processor,
+    vlm_batch,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

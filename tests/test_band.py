@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 import saei_fast
 from saei_fast import validation as _checks
 from saei_fast.kernels import band_select as band_kernels
-from saei_fast.kernels.plan import TARGETS
 from saei_fast.kernels.band_select import band_config, band_select, benchmark_plans
+from saei_fast.kernels.plan import TARGETS
 from saei_fast.ops.band import (
     SCOPES,
     _band_rows_by_count,
@@ -514,7 +514,7 @@ def test_checks_on_device_only_for_cuda_unless_asked(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on CUDA")
 @pytest.mark.parametrize("packed", [False, True])
 def test_public_op_never_syncs_on_cuda(packed):
-    from saei_fast.benchmarks.timing import count_host_syncs
+    from saei_fast.tools.benchmarks.timing import count_host_syncs
 
     gen = torch.Generator().manual_seed(2)
     entropy = torch.rand(8, 300, generator=gen).cuda()

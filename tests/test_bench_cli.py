@@ -14,10 +14,10 @@ import json
 import pytest
 import torch
 
-from saei_fast.benchmarks import OPS, Case, Provider, cases_for, skip_reason
-from saei_fast.benchmarks.cases import prepare
 from saei_fast.cli import main
 from saei_fast.reference import linear_entropy_reference, logprobs_and_entropy_reference
+from saei_fast.tools.benchmarks import OPS, Case, Provider, cases_for, skip_reason
+from saei_fast.tools.benchmarks.cases import prepare
 
 CPU = torch.device("cpu")
 PROVIDERS = (
@@ -135,7 +135,7 @@ def test_bad_options_are_refused_before_timing(argv, message, capsys, tmp_path):
 
 
 def test_out_that_is_a_file_is_refused_before_any_case(capsys, tmp_path, monkeypatch):
-    import saei_fast.benchmarks.runner as runner
+    import saei_fast.tools.benchmarks.runner as runner
 
     ran = []
     monkeypatch.setattr(runner, "run_cases", lambda *a, **k: ran.append(1) or [])

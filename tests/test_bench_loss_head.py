@@ -8,8 +8,8 @@ import platform
 import pytest
 import torch
 
-from saei_fast.benchmarks import OPS
 from saei_fast.memory import rss_tracking_available, run_isolated
+from saei_fast.tools.benchmarks import OPS
 
 CPU = torch.device("cpu")
 # Two rows of four completion tokens, an odd vocabulary (not a multiple of any tile).

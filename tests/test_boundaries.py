@@ -28,7 +28,12 @@ from saei_fast.reference import (
     naive_attack_objective,
 )
 from saei_fast.rollout import adversarial_row_mask, saei_rollout
-from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
+from saei_fast.tools.testing import (
+    random_images,
+    tiny_qwen2_5_vl,
+    tiny_qwen_image_processor,
+    vlm_batch,
+)
 
 pytestmark = INTERPRETER_WARNINGS
 

@@ -98,7 +98,7 @@ def test_saei_config(case: Case):
 
 @pytest.fixture(scope="module")
 def attack_context() -> attack_cases.AttackContext:
-    testing = pytest.importorskip("saei_fast.testing")
+    testing = pytest.importorskip("saei_fast.tools.testing")
     model = testing.tiny_qwen2_5_vl()
     processor = testing.tiny_qwen_image_processor(max_side=28)
     group_size = 2
@@ -162,12 +162,12 @@ def _refuse_work(monkeypatch, command: str | None) -> None:
         raise AssertionError(f"saei-fast {command}: work started despite the user error")
 
     targets = {
-        "demo": ("saei_fast.demo.run.run_all",),
+        "demo": ("saei_fast.tools.demo.run.run_all",),
         "bench": (
-            "saei_fast.benchmarks.runner.run_cases",
-            "saei_fast.benchmarks.peaks.device_peaks",
+            "saei_fast.tools.benchmarks.runner.run_cases",
+            "saei_fast.tools.benchmarks.peaks.device_peaks",
         ),
-        "kernels": ("saei_fast.kernel_report.build.ProcessPoolExecutor",),
+        "kernels": ("saei_fast.tools.kernel_report.build.ProcessPoolExecutor",),
     }
     for target in targets.get(command, ()):
         monkeypatch.setattr(target, refuse)

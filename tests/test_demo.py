@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from saei_fast.cli import main
-from saei_fast.demo.model import demo_model, demo_processor
-from saei_fast.demo.options import DemoOptions
-from saei_fast.demo.run import run_demo
-from saei_fast.demo.stats import paired_difference, t_cdf_two_sided, t_quantile_two_sided
-from saei_fast.demo.task import (
+from saei_fast.tools.demo.model import demo_model, demo_processor
+from saei_fast.tools.demo.options import DemoOptions
+from saei_fast.tools.demo.run import run_demo
+from saei_fast.tools.demo.stats import paired_difference, t_cdf_two_sided, t_quantile_two_sided
+from saei_fast.tools.demo.task import (
     COLOURS,
     GRID,
     IMAGE_SIDE,

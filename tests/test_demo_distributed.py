@@ -1,7 +1,7 @@
 """``saei-fast demo --num-processes N``: the flag's checks, the per-process batch, the
 held-out evaluation on rank 0 only, and the launcher. The launcher's multi-process training
 itself runs in tests/test_trl_multiprocess.py (2 CPU processes through
-:func:`saei_fast.demo.distributed.launch`)."""
+:func:`saei_fast.tools.demo.processes.launch`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import pytest
 
 from saei_fast.cli import main
-from saei_fast.demo import distributed
-from saei_fast.demo.distributed import check_num_processes, launch, launch_command
-from saei_fast.demo.options import DemoError, DemoOptions
+from saei_fast.tools.demo import processes
+from saei_fast.tools.demo.distributed import check_num_processes
+from saei_fast.tools.demo.options import DemoError, DemoOptions
+from saei_fast.tools.demo.processes import launch, launch_command
 
 
 @pytest.mark.parametrize(
@@ -40,24 +41,24 @@ def test_demo_refuses_a_process_count_that_splits_groups_before_any_work(tmp_pat
 
 
 def test_each_process_takes_its_share_of_a_steps_prompts(monkeypatch, tmp_path):
-    from saei_fast.demo.arms import arm_config
-    from saei_fast.demo.model import demo_model
-    from saei_fast.demo.setup import build_setup
+    from saei_fast.tools.demo.arms import arm_config
+    from saei_fast.tools.demo.model import demo_model
+    from saei_fast.tools.demo.setup import build_setup
 
     setup = build_setup(DemoOptions(output_dir=str(tmp_path), num_processes=2))
     model = demo_model(setup.processor, seed=0)
     recipe = setup.recipe
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert distributed.world_size() == 1
+    assert processes.world_size() == 1
     one = arm_config(setup, 0, "saei", tmp_path / "a", model).per_device_train_batch_size
     assert one == recipe.prompts_per_step * recipe.num_generations
     # WORLD_SIZE itself would make the config set up a process group; the count it yields:
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(processes, "world_size", lambda: 2)
     two = arm_config(setup, 0, "saei", tmp_path / "b", model).per_device_train_batch_size
     assert two == recipe.prompts_per_step // 2 * recipe.num_generations
     monkeypatch.undo()
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert distributed.world_size() == 2
+    assert processes.world_size() == 2
 
 
 def test_launch_runs_a_module_in_n_ranked_processes(tmp_path):
@@ -81,7 +82,7 @@ def test_launch_runs_a_module_in_n_ranked_processes(tmp_path):
 
 
 def test_only_rank_zero_runs_the_held_out_evaluation_and_every_rank_waits(monkeypatch):
-    from saei_fast.demo import arms
+    from saei_fast.tools.demo import arms
 
     evaluations, waits = [], []
 
@@ -90,7 +91,7 @@ def test_only_rank_zero_runs_the_held_out_evaluation_and_every_rank_waits(monkey
         return {"accuracy": 0.25}
 
     monkeypatch.setattr(arms, "evaluate", fake_evaluate)
-    monkeypatch.setattr(distributed, "barrier", lambda: waits.append(distributed.rank()))
+    monkeypatch.setattr(processes, "barrier", lambda: waits.append(processes.rank()))
     recipe = SimpleNamespace(samples=2, temperature=0.9, max_completion_length=3)
     setup = SimpleNamespace(recipe=recipe, processor=None, heldout=[])
     monkeypatch.setenv("RANK", "1")
@@ -109,4 +110,4 @@ def test_barrier_is_a_no_op_without_a_process_group():
     import torch.distributed as dist
 
     assert not (dist.is_available() and dist.is_initialized())
-    assert distributed.barrier() is None
+    assert processes.barrier() is None

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from saei_fast.kernel_report import amd, nvidia
-from saei_fast.kernel_report.roofline import estimate_us, wave_efficiency
 from saei_fast.kernels.plan import TARGETS
+from saei_fast.tools.kernel_report import amd, nvidia
+from saei_fast.tools.kernel_report.roofline import estimate_us, wave_efficiency
 
 TESTS = Path(__file__).resolve().parent
 ARCHES = ("sm_90", "sm_80", "gfx942", "gfx90a")
@@ -55,7 +55,7 @@ def _backend_available(arch: str) -> bool:
 
 TOY_SCRIPT = """
 import json, sys
-from saei_fast.kernel_report.build import build_report
+from saei_fast.tools.kernel_report.build import build_report
 records, problems = build_report(
     sys.argv[1], sys.argv[2], ("toy",), modules={"toy": "kernel_report_toys"},
     progress=lambda line: None,
@@ -522,9 +522,9 @@ def test_per_token_training_path_counts_its_recompute(shipped_report):
 def test_report_lists_lm_head_gemms_per_token_by_path():
     """report.md states what a token costs on each linear path (the issue's "report it"),
     from the plans' own counts: no compile needed."""
-    from saei_fast.kernel_report.report import gemm_counts
     from saei_fast.kernels._linear_plans import linear_benchmark_plans
     from saei_fast.kernels.plan import TARGETS
+    from saei_fast.tools.kernel_report.report import gemm_counts
 
     plans = linear_benchmark_plans(TARGETS["sm_90"])
     lines = gemm_counts([{"extra": p.extra, "shape": p.shape} for p in plans])

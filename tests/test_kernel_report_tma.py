@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from saei_fast.kernel_report import nvidia
-from saei_fast.kernel_report.loops import innermost
+from saei_fast.tools.kernel_report import nvidia
+from saei_fast.tools.kernel_report.loops import innermost
 
 LINEAR_NS = (2048, 4096, 8192, 12288, 16384)
 TMA_ROLES = ("forward-tma", "frozen-head-tma")

@@ -588,8 +588,8 @@ def test_benchmark_plans_keep_the_gpu_busy(target_name):
     """Every launch of the benchmark shapes keeps >= 90% of the GPU's resident slots busy
     until its last tile; the forward's persistent grid never exceeds the resident programs;
     the training path runs 3 GEMMs while the kept chunk covers the rows (N <= 3456 here)."""
-    from saei_fast.kernels.plan import TARGETS
     from saei_fast.kernels.linear_entropy import benchmark_plans
+    from saei_fast.kernels.plan import TARGETS
 
     target = TARGETS[target_name]
     plans = benchmark_plans(target)
@@ -625,7 +625,7 @@ def test_forward_schedule_for_any_row_count(target_name, n_rows):
 
 _COMPILE_SCRIPT = """
 import json, sys, tempfile
-from saei_fast.kernel_report.compile import compile_plan, plans_of
+from saei_fast.tools.kernel_report.compile import compile_plan, plans_of
 
 module = "saei_fast.kernels.linear_entropy"
 out, results = tempfile.mkdtemp(), {}

@@ -378,8 +378,9 @@ def test_cpu_extra_memory_is_one_chunk_plus_the_gradients():
 def test_every_cpu_bench_provider_computes_the_same_gradient():
     """The timed calls of ``saei-fast bench --ops linear_loss`` must compute the same thing:
     ``hidden``'s gradient of the same loss, for every provider that runs here."""
-    from saei_fast.benchmarks.cases import cases_for, prepare, skip_reason
-    from saei_fast.benchmarks.linear_loss_cases import LINEAR_LOSS
+    from saei_fast.tools.benchmarks.cases import prepare, skip_reason
+    from saei_fast.tools.benchmarks.linear_loss_cases import LINEAR_LOSS
+    from saei_fast.tools.benchmarks.registry import cases_for
 
     cpu = torch.device("cpu")
     inputs = LINEAR_LOSS.build((13, 24, 517), cpu, torch.float32)

@@ -18,7 +18,7 @@ from transformers import Idefics3ImageProcessorPil, LlavaImageProcessorPil
 
 from saei_fast import pixels
 from saei_fast.pixels import ImageSpace, QwenPatchSpace
-from saei_fast.testing import tiny_qwen_image_processor
+from saei_fast.tools.testing import tiny_qwen_image_processor
 
 # float32 pixel values are ~1e-7 apart near 1; our conversions run in float64, the
 # processor's in float32, so re-processed values agree to a few float32 ulps.

@@ -17,8 +17,8 @@ import torch
 from trl_helpers import GROUP, N_ADV, TRAINER_MARKS, ModelRecorder, make_trainer
 from trl_variations import record_loss_calls
 
-from saei_fast.demo.model import demo_model
-from saei_fast.demo.task import to_dataset
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.demo.task import to_dataset
 
 pytestmark = TRAINER_MARKS
 

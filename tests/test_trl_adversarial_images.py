@@ -1,6 +1,6 @@
 """The attack's adversarial images handed back to each prompt: cut at image offsets (a
 prompt may carry several images), and counted, so that an image is never paired with
-another prompt (``saei_fast.integrations._rows.adversarial_images``)."""
+another prompt (``saei_fast.integrations.shared.rows.adversarial_images``)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from trl_attack_worker import attack_arguments, build_trainer
 
-import saei_fast.integrations.trl as integration
-from saei_fast.demo.model import demo_model
-from saei_fast.integrations._rows import RowImage, adversarial_images, merge_rows, split_rows
-from saei_fast.testing import random_images
+import saei_fast.integrations.trl.sampling as integration
+from saei_fast.integrations.shared.rows import RowImage, adversarial_images, merge_rows, split_rows
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.testing import random_images
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),

@@ -23,10 +23,10 @@ from trl_attack_worker import (
 )
 from trl_helpers import make_config
 
-import saei_fast.integrations.trl as integration
-from saei_fast.demo.model import demo_model
-from saei_fast.integrations._checkpointing import is_checkpointing
+import saei_fast.integrations.trl.sampling as integration
+from saei_fast.integrations.shared.checkpointing import is_checkpointing
 from saei_fast.memory import rss_tracking_available, run_isolated
+from saei_fast.tools.demo.model import demo_model
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),

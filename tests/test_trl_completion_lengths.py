@@ -20,9 +20,9 @@ import torch
 from trl_helpers import GROUP, N_ADV, TRAINER_MARKS, make_trainer
 from trl_variations import GenerateRecorder, attack_beside_naive, record_loss_calls, trimmed
 
-import saei_fast.integrations.trl as integration
-from saei_fast.demo.model import demo_model
-from saei_fast.demo.task import to_dataset
+import saei_fast.integrations.trl.sampling as integration
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.demo.task import to_dataset
 
 pytestmark = TRAINER_MARKS
 

@@ -17,9 +17,9 @@ import pytest
 from trl import GRPOConfig
 from trl_helpers import Rewards, make_config
 
-from saei_fast.demo.model import demo_model
-from saei_fast.demo.task import to_dataset
 from saei_fast.integrations.trl import SaEIConfig, SaEIGRPOTrainer
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.demo.task import to_dataset
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),

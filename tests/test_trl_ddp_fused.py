@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saei_fast.demo.distributed import launch
+from saei_fast.tools.demo.processes import launch
 
 TESTS = Path(__file__).parent
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from trl_helpers import GROUP, Rewards, make_config, no_stop_tokens
 
-import saei_fast.integrations._fused_head as fused_head
-import saei_fast.integrations.trl as integration
-from saei_fast.demo.model import demo_model
-from saei_fast.demo.task import to_dataset
+import saei_fast.integrations.shared.fused_head as fused_head
+import saei_fast.integrations.trl.sampling as integration
 from saei_fast.integrations.trl import SaEIGRPOTrainer
-from saei_fast.testing import vlm_batch
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.demo.task import to_dataset
+from saei_fast.tools.testing import vlm_batch
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),

@@ -10,11 +10,11 @@ import pytest
 import torch
 from trl_helpers import Rewards, make_config
 
-import saei_fast.integrations._fused_loss as fused_loss
-from saei_fast.demo.model import demo_model
-from saei_fast.demo.task import to_dataset
+import saei_fast.integrations.shared.fused_loss as fused_loss
 from saei_fast.integrations.trl import SaEIGRPOTrainer
-from saei_fast.testing import vlm_batch
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.demo.task import to_dataset
+from saei_fast.tools.testing import vlm_batch
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),

@@ -22,9 +22,9 @@ from trl_helpers import (
 )
 
 import saei_fast
-import saei_fast.integrations.trl as integration
-from saei_fast.demo.model import demo_model
-from saei_fast.demo.task import to_dataset
+import saei_fast.integrations.trl.sampling as integration
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.demo.task import to_dataset
 
 pytestmark = TRAINER_MARKS
 

@@ -35,13 +35,13 @@ from trl_helpers import (
 )
 
 import saei_fast
-from saei_fast.demo.model import demo_model
-from saei_fast.demo.task import to_dataset
 from saei_fast.integrations.trl import (
     SUPPORTED_TRL,
     SaEIGRPOTrainer,
     check_whole_groups_per_process,
 )
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.demo.task import to_dataset
 
 pytestmark = TRAINER_MARKS
 
@@ -211,7 +211,7 @@ def test_logged_attack_metrics_are_the_attacks_results(saei_run):
 
 def record_attacks(monkeypatch) -> list[dict]:
     """Every entropy_attack call the trainer makes: its config, generator and result."""
-    import saei_fast.integrations.trl as integration
+    import saei_fast.integrations.trl.sampling as integration
 
     calls, original = [], integration.entropy_attack
 
@@ -432,7 +432,7 @@ def test_installed_trl_is_the_supported_and_pinned_one():
 
 
 def test_split_and_merge_rows_of_per_image_and_per_token_fields():
-    from saei_fast.integrations._rows import merge_rows, model_batch, split_rows
+    from saei_fast.integrations.shared.rows import merge_rows, model_batch, split_rows
 
     pixels = torch.arange(3 * 2).reshape(3, 2).float()  # one entry per image (plain layout)
     fields = {"pixel_values": pixels, "token_type_ids": [[0, 1], [1, 1, 0]]}

@@ -26,8 +26,8 @@ from trl_helpers import (
 )
 
 import saei_fast
-from saei_fast.demo.model import demo_model
-from saei_fast.demo.task import colour_examples
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.demo.task import colour_examples
 
 pytestmark = TRAINER_MARKS
 

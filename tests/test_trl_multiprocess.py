@@ -28,9 +28,9 @@ import torch
 from trl_helpers import GROUP, N_CLEAN
 
 import saei_fast
-from saei_fast.demo.distributed import launch
-from saei_fast.demo.model import demo_model, demo_processor
-from saei_fast.demo.task import task_words
+from saei_fast.tools.demo.model import demo_model, demo_processor
+from saei_fast.tools.demo.processes import launch
+from saei_fast.tools.demo.task import task_words
 
 TESTS = Path(__file__).parent
 STEPS = 2

@@ -14,8 +14,8 @@ import torch
 from trl_helpers import GROUP, N_ADV, N_CLEAN, TRAINER_MARKS, make_trainer
 from trl_variations import GenerateRecorder
 
-from saei_fast.demo.model import demo_model
-from saei_fast.demo.task import to_dataset
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.demo.task import to_dataset
 
 pytestmark = TRAINER_MARKS
 

@@ -1,5 +1,5 @@
 """SaEIGRPOTrainer under FSDP and DeepSpeed: what is refused at construction, read from
-accelerate's state (``saei_fast.integrations._parallel``).
+accelerate's state (``saei_fast.integrations.trl.parallel``).
 
 Neither runs on this machine (accelerate makes FSDP only on accelerators, and DeepSpeed is
 not installed), so the states are built from accelerate's real plugin classes
@@ -16,11 +16,11 @@ from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataP
 from torch.distributed.fsdp import FSDPModule
 from trl_helpers import Rewards, make_config
 
-import saei_fast.integrations.trl as integration
-from saei_fast.demo.model import demo_model
-from saei_fast.demo.task import to_dataset
-from saei_fast.integrations._parallel import parallel_setup
+import saei_fast.integrations.trl.trainer as integration
 from saei_fast.integrations.trl import SaEIGRPOTrainer
+from saei_fast.integrations.trl.parallel import parallel_setup
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.demo.task import to_dataset
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),

@@ -19,9 +19,9 @@ from trl_helpers import ALPHA, N_ADV, N_CLEAN, TRAINER_MARKS, make_trainer
 from trl_variations import GenerateRecorder, attack_beside_naive, record_loss_calls
 
 import saei_fast
-import saei_fast.integrations.trl as integration
-from saei_fast.demo.model import demo_model
-from saei_fast.demo.task import colour_examples, to_dataset
+import saei_fast.integrations.trl.sampling as integration
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.demo.task import colour_examples, to_dataset
 
 pytestmark = TRAINER_MARKS
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 from trl_helpers import GROUP, N_ADV, N_CLEAN, FakeVLLMServer, Rewards, make_config
 
-from saei_fast.demo.model import demo_model
-from saei_fast.demo.task import to_dataset
 from saei_fast.integrations.trl import SaEIGRPOTrainer
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.demo.task import to_dataset
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),

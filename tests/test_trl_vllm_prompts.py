@@ -9,10 +9,10 @@ import pytest
 import torch
 from trl_helpers import GROUP, N_CLEAN, FakeVLLMServer, Rewards, make_config
 
-from saei_fast.demo.model import demo_model
-from saei_fast.demo.task import to_dataset
-from saei_fast.integrations._vllm_prompts import ReportedPrompts, length_mismatches
 from saei_fast.integrations.trl import SaEIGRPOTrainer
+from saei_fast.integrations.trl.vllm_prompts import ReportedPrompts, length_mismatches
+from saei_fast.tools.demo.model import demo_model
+from saei_fast.tools.demo.task import to_dataset
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning"),

@@ -17,11 +17,12 @@ import sys
 import torch
 from trl_helpers import Rewards, make_config, no_stop_tokens
 
-from saei_fast.demo.model import demo_model, demo_processor, prompt_text
-from saei_fast.demo.task import colour_examples, task_words, to_dataset
-from saei_fast.integrations._checkpointing import switch_checkpointing
-from saei_fast.integrations._rows import RowImage, model_batch, split_rows
-from saei_fast.integrations.trl import SaEIGRPOTrainer, _Completion
+from saei_fast.integrations.shared.checkpointing import switch_checkpointing
+from saei_fast.integrations.shared.rows import RowImage, model_batch, split_rows
+from saei_fast.integrations.trl import SaEIGRPOTrainer
+from saei_fast.integrations.trl.sampling import _Completion
+from saei_fast.tools.demo.model import demo_model, demo_processor, prompt_text
+from saei_fast.tools.demo.task import colour_examples, task_words, to_dataset
 
 # Rows of the measured micro-batch: 2 prompts x 2 clean responses, the training
 # micro-batch's 4 rows. Long completions and deep, narrow layers: activations, which

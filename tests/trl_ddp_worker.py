@@ -1,6 +1,6 @@
 """The fused loss and the fused head of SaEIGRPOTrainer under DDP, in one of 2 CPU
 processes (gloo), run by tests/test_trl_ddp_fused.py through
-``saei_fast.demo.distributed.launch``.
+``saei_fast.tools.demo.processes.launch``.
 
 Usage: ``python -m trl_ddp_worker OUT`` under ``torch.distributed.run`` (with tests/ on
 ``PYTHONPATH``). Each rank prepares the trainer's model as the training loop does
@@ -33,12 +33,12 @@ from test_trl_fused_head import loss_inputs as head_inputs
 from test_trl_fused_loss import loss_inputs, trainer_for
 from trl_helpers import Rewards, make_config
 
-import saei_fast.integrations._fused_head as fused_head
-import saei_fast.integrations._fused_loss as fused_loss
-from saei_fast.demo.distributed import close_process_group
-from saei_fast.demo.model import demo_model, demo_processor
-from saei_fast.demo.task import colour_examples, task_words, to_dataset
+import saei_fast.integrations.shared.fused_head as fused_head
+import saei_fast.integrations.shared.fused_loss as fused_loss
 from saei_fast.integrations.trl import SaEIGRPOTrainer
+from saei_fast.tools.demo.model import demo_model, demo_processor
+from saei_fast.tools.demo.processes import close_process_group
+from saei_fast.tools.demo.task import colour_examples, task_words, to_dataset
 
 
 def counted(module, name: str) -> list:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saei_fast.demo.model import vision_token_ids
 from saei_fast.integrations.trl import SaEIConfig, SaEIGRPOTrainer
+from saei_fast.tools.demo.model import vision_token_ids
 
 N_CLEAN, N_ADV = 2, 2
 GROUP = N_CLEAN + N_ADV

@@ -1,5 +1,5 @@
 """Two SaEI steps of SaEIGRPOTrainer in one of several CPU processes (gloo), run by
-tests/test_trl_multiprocess.py through ``saei_fast.demo.distributed.launch``.
+tests/test_trl_multiprocess.py through ``saei_fast.tools.demo.processes.launch``.
 
 Usage: ``python -m trl_multiprocess_worker OUT`` under ``torch.distributed.run``
 (with tests/ on ``PYTHONPATH``). Each rank writes what it saw to ``OUT/rank<r>.json``: the
@@ -22,10 +22,10 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 from trl_helpers import GROUP, Rewards, make_config, no_stop_tokens
 
-from saei_fast.demo.distributed import close_process_group
-from saei_fast.demo.model import demo_model, demo_processor
-from saei_fast.demo.task import colour_examples, task_words, to_dataset
 from saei_fast.integrations.trl import SaEIGRPOTrainer
+from saei_fast.tools.demo.model import demo_model, demo_processor
+from saei_fast.tools.demo.processes import close_process_group
+from saei_fast.tools.demo.task import colour_examples, task_words, to_dataset
 
 
 class RecordingTrainer(SaEIGRPOTrainer):

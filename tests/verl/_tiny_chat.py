@@ -4,7 +4,7 @@ verl's agent loop tokenizes through its Continuous Token builder for ``qwen2_5_v
 renders the chat template with the processor, runs the processor on the text and images,
 and needs ``<|im_end|>`` and a one-token ``"\\n"`` (Qwen's turn separator). The tokenizer
 here is a ``tokenizers`` word-level model over a few words with Qwen's chat and vision
-special tokens; the vision tokens take the ids :mod:`saei_fast.testing` reserves, so the
+special tokens; the vision tokens take the ids :mod:`saei_fast.tools.testing` reserves, so the
 tiny Qwen2.5-VL reads the prompts it builds. The processor is the real
 ``Qwen2_5_VLProcessor`` code without its video processor (which needs torchvision), with
 the model's ``get_rope_index`` bound to it as verl's ``hf_processor`` does.
@@ -18,8 +18,8 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2_5_vl import Qwen2_5_VLModel
 
-from saei_fast.demo.model import ImageQwen2_5_VLProcessor
-from saei_fast.testing import special_token_ids, tiny_qwen2_5_vl, tiny_qwen_image_processor
+from saei_fast.tools.demo.model import ImageQwen2_5_VLProcessor
+from saei_fast.tools.testing import special_token_ids, tiny_qwen2_5_vl, tiny_qwen_image_processor
 
 WORDS = ("which", "colour", "covers", "most", "of", "the", "image", "?", "red", "green", "blue")
 _CHAT = ("<unk>", "<|im_start|>", "<|im_end|>", "\n", "user", "assistant", "system")

@@ -10,7 +10,12 @@ from saei_fast import pixels
 from saei_fast.attack import AttackConfig, entropy_attack, pixel_gradient
 from saei_fast.integrations.verl.worker import run_groups, saei_attack_on
 from saei_fast.reference import group_advantages_reference as reference_advantages
-from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
+from saei_fast.tools.testing import (
+    random_images,
+    tiny_qwen2_5_vl,
+    tiny_qwen_image_processor,
+    vlm_batch,
+)
 
 
 def _group(model, processor, seed):

@@ -29,7 +29,7 @@ from saei_fast.attack import AttackConfig, entropy_attack
 from saei_fast.integrations.verl import agent_loop as saei_agent_loop
 from saei_fast.integrations.verl.client import set_attack_client
 from saei_fast.integrations.verl.worker import saei_attack_on
-from saei_fast.testing import random_images
+from saei_fast.tools.testing import random_images
 
 N_CLEAN, N_ADV = 3, 2
 QUESTION = "which colour covers most of the image ?"

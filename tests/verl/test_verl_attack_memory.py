@@ -25,7 +25,12 @@ from verl.utils.torch_functional import logprobs_from_logits
 from saei_fast import pixels
 from saei_fast.attack import AttackConfig
 from saei_fast.integrations.verl.worker import saei_attack_on
-from saei_fast.testing import random_images, tiny_qwen2_5_vl, tiny_qwen_image_processor, vlm_batch
+from saei_fast.tools.testing import (
+    random_images,
+    tiny_qwen2_5_vl,
+    tiny_qwen_image_processor,
+    vlm_batch,
+)
 
 ROWS = 4
 

@@ -22,7 +22,7 @@ from saei_fast import pixels
 from saei_fast.attack import AttackConfig
 from saei_fast.integrations.verl import worker
 from saei_fast.integrations.verl.client import AttackDispatcher, RayAttackClient, pad_groups
-from saei_fast.testing import tiny_qwen_image_processor
+from saei_fast.tools.testing import tiny_qwen_image_processor
 
 
 class _Remote:

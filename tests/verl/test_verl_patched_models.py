@@ -25,7 +25,7 @@ from saei_fast import pixels
 from saei_fast.attack import AttackConfig, entropy_attack, pixel_gradient
 from saei_fast.integrations.verl.engine_model import check_engine
 from saei_fast.integrations.verl.worker import saei_attack_on
-from saei_fast.testing import (
+from saei_fast.tools.testing import (
     random_images,
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,

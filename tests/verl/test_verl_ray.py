@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from saei_fast import pixels
 from saei_fast.attack import AttackConfig, entropy_attack, pixel_gradient
 from saei_fast.integrations.verl.client import RayAttackClient, set_attack_client
-from saei_fast.testing import random_images, tiny_qwen_image_processor, vlm_batch
+from saei_fast.tools.testing import random_images, tiny_qwen_image_processor, vlm_batch
 
 ROLE = "actor"
 GROUP_ROWS = 3

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from saei_fast._attack_model import unwrap_peft, with_position_ids
+from saei_fast.attack.model import unwrap_peft, with_position_ids
 
 
 def check_engine(engine: object) -> bool:
