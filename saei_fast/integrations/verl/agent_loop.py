@@ -50,7 +50,7 @@ from verl.utils.profiler import simple_timer
 
 from saei_fast import pixels
 from saei_fast.attack import AttackConfig
-from saei_fast.integrations._rows import model_batch
+from saei_fast.integrations.shared.rows import model_batch
 from saei_fast.integrations.verl.client import get_attack_client
 from saei_fast.integrations.verl.config import SaEISettings
 from saei_fast.integrations.verl.metrics import group_fields

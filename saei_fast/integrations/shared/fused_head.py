@@ -26,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers.utils import ModelOutput
 
-from saei_fast._attack_model import unwrap_peft
+from saei_fast.attack.model import unwrap_peft
 from saei_fast.ops import linear_logprobs_and_entropy
 
 
@@ -107,7 +107,7 @@ class FusedHead:
         model: the (unwrapped, possibly ``peft``) policy or reference model on which TRL
             installed its fused head.
         temperature: the temperature TRL's head divides by.
-        loss: a ``FusedTokenLoss`` (``_fused_loss``) when the call is a training-loss
+        loss: a ``FusedTokenLoss`` (:mod:`.fused_loss`) when the call is a training-loss
             forward with ``saei_fused_loss``: the head then also takes the loss's gradient.
         wrapper: the ``DistributedDataParallel`` wrapping ``model``, whose forward the call
             then goes through (see the module docstring); None for an unwrapped model.

@@ -37,7 +37,7 @@ contract (vLLM itself is not part of the test environment). Tools, environments,
 With vLLM, every generation (both arms) checks that the prompt the engine reports has as
 many tokens as the trainer's prompt row, and raises a ``RuntimeError`` naming TRL issues
 6294 / 6401 when it does not: TRL 1.16 in colocate mode sends vLLM processor-expanded image
-tokens, which vLLM expands again (see :mod:`saei_fast.integrations._vllm_prompts`).
+tokens, which vLLM expands again (see :mod:`saei_fast.integrations.trl.vllm_prompts`).
 """
 
 from __future__ import annotations
@@ -56,20 +56,20 @@ from trl import GRPOConfig, GRPOTrainer
 
 from saei_fast import pixels
 from saei_fast.attack import PERTURBATIONS, SCOPES, AttackConfig, entropy_attack
-from saei_fast.integrations._checkpointing import model_for_attack
-from saei_fast.integrations._fused_head import FusedHead, fused_head_for, unsupported_reason
-from saei_fast.integrations._fused_loss import GRPOTokenLoss
-from saei_fast.integrations._fused_loss import unsupported_reason as unsupported_loss_reason
-from saei_fast.integrations._parallel import fused_refusal, parallel_setup
-from saei_fast.integrations._parallel import refuse as refuse_setup
-from saei_fast.integrations._rows import (
+from saei_fast.integrations.shared.checkpointing import model_for_attack
+from saei_fast.integrations.shared.fused_head import FusedHead, fused_head_for, unsupported_reason
+from saei_fast.integrations.shared.fused_loss import GRPOTokenLoss
+from saei_fast.integrations.shared.fused_loss import unsupported_reason as unsupported_loss_reason
+from saei_fast.integrations.shared.rows import (
     RowImage,
     adversarial_images,
     merge_rows,
     model_batch,
     split_rows,
 )
-from saei_fast.integrations._vllm_prompts import (
+from saei_fast.integrations.trl.parallel import fused_refusal, parallel_setup
+from saei_fast.integrations.trl.parallel import refuse as refuse_setup
+from saei_fast.integrations.trl.vllm_prompts import (
     ReportedPrompts,
     double_expansion_message,
     length_mismatches,
@@ -322,7 +322,7 @@ class SaEIGRPOTrainer(GRPOTrainer):
             (non-SaEIConfig args, text-only processing class, tools, environments, a custom
             ``rollout_func``, a processor without a pixel space, FSDP or DeepSpeed ZeRO-3;
             the fused head or loss with FSDP or DeepSpeed; see
-            :mod:`saei_fast.integrations._parallel`).
+            :mod:`saei_fast.integrations.trl.parallel`).
         RuntimeError: at a vLLM generation whose engine prompt differs in length from the
             trainer's (image tokens expanded twice, TRL issues 6294 / 6401), on every process.
     """
@@ -468,7 +468,7 @@ class SaEIGRPOTrainer(GRPOTrainer):
         self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
     ):
         """TRL's single-turn generation; with vLLM, checked against the prompt the engine
-        reports (see :mod:`saei_fast.integrations._vllm_prompts`)."""
+        reports (see :mod:`saei_fast.integrations.trl.vllm_prompts`)."""
         if not self.use_vllm:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images

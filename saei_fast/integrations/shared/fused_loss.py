@@ -46,7 +46,7 @@ def unsupported_reason(trainer) -> str | None:
 class FusedTokenLoss(abc.ABC):
     """A per-token loss over a ``[rows, width]`` grid of scored positions, in the form the
     fused head's fused-loss mode takes: subclasses give :meth:`token_loss`; :meth:`run` is
-    called by :class:`~saei_fast.integrations._fused_head.FusedHead` with the scored tokens'
+    called by :class:`~saei_fast.integrations.shared.fused_head.FusedHead` with the scored tokens'
     hidden states and returns their log-probs and entropies (values) while keeping the fused
     loss (``self.fused``, differentiable) for the caller's backward."""
 

@@ -4,7 +4,7 @@ DeepSpeed.
 
 - One process, or DDP (accelerate's multi-CPU / multi-GPU types): everything. The attack
   runs on the unwrapped model, whose parameters are whole on every rank; the fused head and
-  loss run through DDP's forward (see ``_fused_head``).
+  loss run through DDP's forward (see :mod:`saei_fast.integrations.shared.fused_head`).
 - FSDP (1 and 2): refused for SaEI sampling and for the fused head and loss. The attack and
   the fused head run the base model and read the head's weight directly, outside the FSDP
   root's forward: its hooks (unsharding the root's parameters) would not run, and an FSDP2
