@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-import saei_fast.integrations.trl as integration
+import saei_fast.integrations.trl.sampling as integration
 from saei_fast.reference import entropy_reference, naive_attack_objective
 
 
