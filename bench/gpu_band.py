@@ -26,7 +26,7 @@ import time
 import torch
 
 import saei_fast
-from saei_fast.ops.band import flat_segments
+from saei_fast.ops.band.op import flat_segments
 from saei_fast.ops.dispatch import triton_interpreting
 from saei_fast.reference import entropy_band_mask_reference
 from saei_fast.tools.benchmarks.band_cases import (
@@ -78,7 +78,7 @@ def _row(case: str, got: torch.Tensor, expected: torch.Tensor) -> dict:
 
 
 def _kernel(entropy, mask, scope, group_size, schedule, cu_seqlens=None):
-    from saei_fast.kernels.band_select import band_select
+    from saei_fast.kernels.band.launch import band_select
 
     values, valid, seg_len, bounds = flat_segments(entropy, mask, cu_seqlens, scope, group_size)
     return band_select(values, valid, *BAND, seg_len=seg_len, bounds=bounds, schedule=schedule)

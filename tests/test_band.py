@@ -19,16 +19,13 @@ from hypothesis import strategies as st
 
 import saei_fast
 from saei_fast import validation as _checks
-from saei_fast.kernels import band_select as band_kernels
-from saei_fast.kernels.band_select import band_config, band_select, benchmark_plans
-from saei_fast.kernels.plan import TARGETS
-from saei_fast.ops.band import (
-    SCOPES,
-    _band_rows_by_count,
-    band_mask_torch,
-    flat_segments,
-    rank_window,
-)
+from saei_fast.kernels.band import launch as band_kernels
+from saei_fast.kernels.band.config import BandConfig, band_config
+from saei_fast.kernels.band.launch import band_select
+from saei_fast.kernels.band.plans import benchmark_plans
+from saei_fast.kernels.plan import TARGETS, target_for
+from saei_fast.ops.band.op import SCOPES, flat_segments
+from saei_fast.ops.band.torch_path import _band_rows_by_count, band_mask_torch, rank_window
 from saei_fast.reference import band_entropy_objective_reference, entropy_band_mask_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -760,7 +757,7 @@ def test_launcher_launches_what_band_config_chooses(monkeypatch):
 
     def forced(target, n_tokens, n_segments, *, schedule=None, tile=None):
         chosen.append((target.name, n_tokens, n_segments, schedule, tile))
-        return band_kernels.BandConfig("chunked", 16, 1)
+        return BandConfig("chunked", 16, 1)
 
     monkeypatch.setattr(band_kernels, "band_config", forced)
     entropy, mask = _ranked_rows([7, 40, 0, 3], seed=9)
@@ -768,6 +765,6 @@ def test_launcher_launches_what_band_config_chooses(monkeypatch):
         entropy.to(DEVICE), mask.to(DEVICE), None, "sequence", 1
     )
     got = band_select(values, valid, 1 / 3, 2 / 3, seg_len=seg_len)
-    assert chosen == [(band_kernels.target_for(values.device).name, 160, 4, None, None)]
+    assert chosen == [(target_for(values.device).name, 160, 4, None, None)]
     expected = entropy_band_mask_reference(entropy, mask)
     assert torch.equal(got.view(entropy.shape).cpu(), expected)

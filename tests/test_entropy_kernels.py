@@ -14,15 +14,10 @@ import pytest
 import torch
 from op_helpers import DEVICE, INTERPRETER_WARNINGS
 
+from saei_fast.kernels.entropy.config import entropy_config
+from saei_fast.kernels.entropy.launch import entropy_bwd, entropy_fwd, lse_from_stats
+from saei_fast.kernels.entropy.plans import BENCHMARK_SHAPES, benchmark_plans
 from saei_fast.kernels.plan import TARGETS
-from saei_fast.kernels.entropy_logits import (
-    BENCHMARK_SHAPES,
-    benchmark_plans,
-    entropy_bwd,
-    entropy_config,
-    entropy_fwd,
-    lse_from_stats,
-)
 from saei_fast.reference import entropy_reference, logprobs_and_entropy_reference
 
 pytestmark = INTERPRETER_WARNINGS

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from saei_fast.memory import rss_tracking_available, run_isolated
-from saei_fast.ops._torch_entropy import CHUNK_ELEMENTS
+from saei_fast.ops.entropy.torch_path import CHUNK_ELEMENTS
 
 _SCRIPT = """
 import json, sys, torch

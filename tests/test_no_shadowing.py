@@ -21,7 +21,7 @@ import importlib.metadata, importlib.util, json, sys
 sys.path.insert(0, sys.argv[1])
 from transformers import Qwen2_5_VLProcessor  # imports the `kernels` distribution
 import kernels
-import saei_fast.kernels, saei_fast.kernels.entropy_logits
+import saei_fast.kernels, saei_fast.kernels.entropy.launch
 try:
     dist = importlib.metadata.distribution("kernels")
     dist_files = [str(dist.locate_file(f)) for f in dist.files or () if f.name == "__init__.py"]
@@ -33,7 +33,7 @@ print(json.dumps({
     "kernels_path": list(getattr(kernels, "__path__", [])),
     "dist_init_files": dist_files,
     "ours_init": saei_fast.kernels.__file__,
-    "ours_module": saei_fast.kernels.entropy_logits.__file__,
+    "ours_module": saei_fast.kernels.entropy.launch.__file__,
 }))
 """
 
@@ -61,7 +61,7 @@ def test_repository_root_first_on_sys_path_shadows_no_kernels_distribution():
         ), found
     # Ours is still a regular package whose modules are the top-level kernels/ folder's.
     assert Path(found["ours_init"]).name == "__init__.py"
-    assert Path(found["ours_module"]).resolve() == ROOT / "kernels" / "entropy_logits.py"
+    assert Path(found["ours_module"]).resolve() == ROOT / "kernels" / "entropy" / "launch.py"
 
 
 def test_kernels_folder_is_not_a_regular_package():

@@ -80,7 +80,7 @@ def _alias(t: torch.Tensor) -> torch.Tensor:
 
 
 def _log_smallest_f32() -> float:
-    # As _torch_entropy._log_smallest(float32), written inline so Dynamo folds a constant.
+    # As torch_path._log_smallest(float32), written inline so Dynamo folds a constant.
     return math.log(torch.finfo(torch.float32).smallest_normal) - 30.0
 
 

@@ -1,5 +1,5 @@
 """Launch configuration of the band select: one place that both the launcher
-(``band_select``) and ``benchmark_plans`` (``_band_plans``, what ``saei-fast kernels``
+(``launch.band_select``) and ``benchmark_plans`` (``plans``, what ``saei-fast kernels``
 compiles) read, so the report describes exactly what a launch runs.
 
 * the key layout: ``RADIX_BITS`` per pass, ``layout_bits`` (position bits and passes);
@@ -84,5 +84,5 @@ def layout_bits(n_tokens: int, seg_len: int | None) -> tuple[int, int]:
 
 def float64_bits(value: float) -> int:
     """The bits of ``value`` as a float64, as an int: a float argument would reach the kernel
-    as float32 (see ``_band_radix._band_rank``)."""
+    as float32 (see ``radix._band_rank``)."""
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]

@@ -1,4 +1,4 @@
-"""The band-select kernels, one section per schedule (see ``band_select`` for when each runs).
+"""The band-select kernels, one section per schedule (see ``launch`` for when each runs).
 
 - ``segment``: ``_band_segment_kernel``, one program per segment that walks it in tiles, all
   radix passes in a single launch.
@@ -6,7 +6,7 @@
   once per radix pass and adds its chunk's histograms to the segment's with atomics, the next
   launch descends; ``_band_chunk_select_kernel`` then writes the selection.
 
-Keys, histograms and the descent are the building blocks of ``_band_radix``.
+Keys, histograms and the descent are the building blocks of ``radix``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from saei_fast.kernels._band_radix import (
+from saei_fast.kernels.band.radix import (
     _descend,
     _histogram,
     _in_band,

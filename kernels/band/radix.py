@@ -1,5 +1,5 @@
 """The radix-select building blocks of the band select (``@triton.jit`` helpers that both
-schedules in ``_band_kernels`` inline).
+schedules in ``kernels`` inline).
 
 Keys. Every token gets a unique int64 key that orders it exactly as the band rule does: the
 float32 bits mapped to an order-preserving 32-bit integer, then the token's position inside

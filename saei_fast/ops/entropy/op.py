@@ -1,17 +1,18 @@
 """Differentiable per-token entropy and label log-probs from logits.
 
 ``entropy`` and ``logprobs_and_entropy`` validate their arguments, pick the implementation
-(Triton on CUDA, the chunked PyTorch path on CPU; see ``dispatch``) and call one
-``torch.library`` custom op, so ``torch.compile(fullgraph=True)`` sees a single opaque node
-with a registered backward.
+(Triton on CUDA, the chunked PyTorch path on CPU and for float64; see ``ops.dispatch``) and
+call one ``torch.library`` custom op, so ``torch.compile(fullgraph=True)`` sees a single
+opaque node with a registered backward. The op's forward and backward run ``triton_path``
+or ``torch_path``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from saei_fast.ops import _torch_entropy
-from saei_fast.ops.dispatch import resolve_impl
+from saei_fast.ops.dispatch import op_impl
+from saei_fast.ops.entropy import torch_path, triton_path
 from saei_fast.validation import check_float_tensor, check_labels, check_mask, check_temperature
 
 # -------------------------------------------------------------------------------------------
@@ -20,12 +21,7 @@ from saei_fast.validation import check_float_tensor, check_labels, check_mask, c
 
 
 def _output_dtype(logits: torch.Tensor) -> torch.dtype:
-    return _torch_entropy.accumulation_dtype(logits.dtype)
-
-
-def _use_triton(impl: str, logits: torch.Tensor) -> bool:
-    # float64 (gradient checks) always runs on the PyTorch path: the kernels accumulate in fp32.
-    return impl == "triton" and logits.dtype != torch.float64
+    return torch_path.accumulation_dtype(logits.dtype)
 
 
 @torch.library.custom_op("saei_fast::entropy_from_logits", mutates_args=())
@@ -36,14 +32,8 @@ def _entropy_op(
     inv_temperature: float,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _use_triton(impl, logits):
-        from saei_fast.kernels.entropy_logits import entropy_fwd
-
-        entropy, logprobs, stats = entropy_fwd(logits, labels, mask, inv_temperature)
-    else:
-        entropy, logprobs, stats = _torch_entropy.entropy_forward(
-            logits, labels, mask, inv_temperature
-        )
+    path = triton_path if impl == "triton" else torch_path
+    entropy, logprobs, stats = path.entropy_forward(logits, labels, mask, inv_temperature)
     if logprobs is None:  # custom ops cannot return None
         logprobs = entropy.new_empty(0)
     return entropy, logprobs, stats
@@ -69,13 +59,8 @@ def _entropy_backward_op(
     inv_temperature: float,
     impl: str,
 ) -> torch.Tensor:
-    if _use_triton(impl, logits):
-        from saei_fast.kernels.entropy_logits import entropy_bwd
-
-        return entropy_bwd(
-            logits, labels, mask, entropy, stats, grad_entropy, grad_logprobs, inv_temperature
-        )
-    return _torch_entropy.entropy_backward(
+    path = triton_path if impl == "triton" else torch_path
+    return path.entropy_backward(
         logits, labels, mask, entropy, stats, grad_entropy, grad_logprobs, inv_temperature
     )
 
@@ -159,7 +144,7 @@ def entropy(
     logits = _check_logits(logits)
     temperature = check_temperature(temperature)
     mask = check_mask(mask, logits.shape[:-1], logits, "logits")
-    impl = resolve_impl(impl, logits.device)
+    impl = op_impl(impl, logits)
     entropy_values, _, _ = _entropy_op(logits, None, mask, 1.0 / temperature, impl)
     return entropy_values
 
@@ -193,6 +178,6 @@ def logprobs_and_entropy(
     token_shape = logits.shape[:-1]
     mask = check_mask(mask, token_shape, logits, "logits")
     labels = check_labels(labels, token_shape, logits.shape[-1], mask, logits, "logits")
-    impl = resolve_impl(impl, logits.device)
+    impl = op_impl(impl, logits)
     entropy_values, logprobs, _ = _entropy_op(logits, labels, mask, 1.0 / temperature, impl)
     return logprobs, entropy_values

@@ -1,8 +1,9 @@
-"""Memory-light PyTorch path for entropy / log-probs from logits (CPU, and float64 anywhere).
+"""The entropy op's memory-light PyTorch path: entropy and log-probs from logits (CPU, and
+float64 anywhere).
 
 Two implementations of the same math, chosen per call:
 
-- compiled (``_torch_fused``, the default on a CPU): the per-row math compiled by Inductor
+- compiled (``compiled``, the default on a CPU): the per-row math compiled by Inductor
   into one parallel loop over all rows, reading each logit once per pass and allocating no
   ``[N, V]`` temporary;
 - eager (the fallback: float64, CUDA tensors under ``impl="torch"``, layouts whose leading
@@ -26,7 +27,7 @@ import math
 
 import torch
 
-from saei_fast.ops import _torch_fused
+from saei_fast.ops.entropy import compiled
 
 # ~4 MiB of float32 per buffer: large enough that per-op overhead is amortised, small
 # enough that a chunk stays in the last-level cache across its passes.
@@ -63,11 +64,11 @@ def rows_forward(
     ``stats = (row max of x, log sum exp((x - max) / T))``, as the Triton kernel does.
     A row of only ``-inf`` gives NaN; a label outside ``[0, V)`` a NaN log-prob.
     """
-    if _torch_fused.usable(x):
+    if compiled.usable(x):
         n = x.shape[0]
         chunk_labels = labels if labels is not None else x.new_zeros(n, dtype=torch.long)
         active = torch.ones(n, dtype=torch.bool, device=x.device)
-        out = _torch_fused.forward(x, chunk_labels, active, inv_temperature)
+        out = compiled.forward(x, chunk_labels, active, inv_temperature)
         if out is not None:
             entropy, logprobs, stats = out
             return entropy, logprobs if labels is not None else None, stats
@@ -87,12 +88,12 @@ def rows_backward(
     (raw logits in the accumulation dtype; may be overwritten), given the forward's
     ``stats``. Without ``labels`` the one-hot term ``g_logp / T`` at the label is left to
     the caller. Rows whose upstream gradients are all 0 get exactly 0."""
-    if _torch_fused.usable(x):
+    if compiled.usable(x):
         n = x.shape[0]
         active = torch.ones(n, dtype=torch.bool, device=x.device)
         no_label = torch.full((n,), -1, dtype=torch.long, device=x.device)
         g_lp = grad_logprobs if grad_logprobs is not None else torch.zeros_like(grad_entropy)
-        grad = _torch_fused.backward(
+        grad = compiled.backward(
             x,
             labels if labels is not None else no_label,
             active,
@@ -107,22 +108,6 @@ def rows_backward(
     return _eager_rows_backward(
         x, stats, entropy, grad_entropy, grad_logprobs, labels, inv_temperature
     )
-
-
-def rows_entropy_and_grad(
-    x: torch.Tensor, inv_temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(entropy [c], dH/dx [c, V])`` of rows of raw logits ``x [c, V]`` (accumulation
-    dtype; may be overwritten): the frozen lm_head's per-chunk epilogue, where the gradient
-    is taken while the logits are in memory. Compiled, one parallel loop per block and no
-    ``[c, V]`` temporary beyond the gradient."""
-    if _torch_fused.usable(x):
-        out = _torch_fused.entropy_and_grad(x, inv_temperature)
-        if out is not None:
-            return out
-    entropy, _, stats = _eager_rows_forward(x.clone(), None, inv_temperature)
-    ones = torch.ones_like(entropy)
-    return entropy, _eager_rows_backward(x, stats, entropy, ones, None, None, inv_temperature)
 
 
 # -------------------------------------------------------------------------------------------
@@ -236,7 +221,7 @@ def entropy_forward(
     token_shape = logits.shape[:-1]
     reshape = lambda t: None if t is None else t.view(token_shape)
     rows_view = _rows_view(logits)
-    if rows_view is not None and _torch_fused.usable(rows_view):
+    if rows_view is not None and compiled.usable(rows_view):
         n = rows_view.shape[0]
         flat_labels = labels.reshape(-1) if labels is not None else None
         if flat_labels is None:
@@ -244,7 +229,7 @@ def entropy_forward(
         active = mask.reshape(-1) if mask is not None else None
         if active is None:
             active = torch.ones(n, dtype=torch.bool, device=logits.device)
-        out = _torch_fused.forward(rows_view, flat_labels, active, inv_temperature)
+        out = compiled.forward(rows_view, flat_labels, active, inv_temperature)
         if out is not None:
             entropy, logprobs, stats = out
             logprobs = logprobs if labels is not None else None
@@ -294,10 +279,10 @@ def entropy_backward(
     if grad_logprobs is not None:
         grad_logprobs = grad_logprobs.to(acc)
     rows_view = _rows_view(logits)
-    if rows_view is not None and _torch_fused.usable(rows_view):
+    if rows_view is not None and compiled.usable(rows_view):
         n = rows_view.shape[0]
         active = mask if mask is not None else torch.ones(n, dtype=torch.bool)
-        grad = _torch_fused.backward(
+        grad = compiled.backward(
             rows_view,
             labels if labels is not None else torch.full((n,), -1, dtype=torch.long),
             active,
