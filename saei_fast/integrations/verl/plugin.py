@@ -11,8 +11,9 @@ registries, the SaEI entries are added to it:
 
 verl loads plugins inside ``try/except`` and logs failures at DEBUG, so a broken plugin would
 be silent. Every failure here is logged at ERROR on the ``saei_fast`` logger (which is visible
-under verl's WARNING default) and kept in :data:`REGISTRATION_ERRORS`; the SaEI trainer
-refuses to start while it holds anything.
+under verl's WARNING default) and kept in :data:`REGISTRATION_ERRORS` (the list of
+:mod:`.registration`, the same object); the SaEI trainer refuses to start while it holds
+anything.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import sys
 from collections.abc import Callable
 
 from saei_fast.integrations.verl.config import AGENT_LOOP_NAME
+from saei_fast.integrations.verl.registration import REGISTRATION_ERRORS
 
 logger = logging.getLogger("saei_fast.integrations.verl")
 
 SUPPORTED_VERL = ("0.9.1", "0.10")  # [lo, hi): the extension points read from verl 0.9.1
 AGENT_LOOP_TARGET = "saei_fast.integrations.verl.agent_loop.SaEIAgentLoop"
-REGISTRATION_ERRORS: list[str] = []
 
 
 def _register_agent_loop(module) -> None:

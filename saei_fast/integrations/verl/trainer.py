@@ -36,9 +36,9 @@ from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1 import trainer_base
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
-from saei_fast.integrations.verl import plugin
 from saei_fast.integrations.verl.config import TRAINER_NAME, settings_from_trainer_config
 from saei_fast.integrations.verl.metrics import step_metrics
+from saei_fast.integrations.verl.registration import REGISTRATION_ERRORS
 from saei_fast.integrations.verl.worker import SaEIActorRolloutRefWorker
 
 SYNC_MODE = "sync"  # the mode string verl's code tests for its synchronous trainer
@@ -49,10 +49,9 @@ class SaEITrainer(PPOTrainerSync):
     """verl's ``sync`` trainer sampling SaEI groups (see the module docstring)."""
 
     def __init__(self, config) -> None:
-        if plugin.REGISTRATION_ERRORS:
+        if REGISTRATION_ERRORS:
             raise RuntimeError(
-                "saei-fast's verl plugin failed to register: "
-                + "; ".join(plugin.REGISTRATION_ERRORS)
+                "saei-fast's verl plugin failed to register: " + "; ".join(REGISTRATION_ERRORS)
             )
         self.saei_settings = settings_from_trainer_config(config)
         mode = config.trainer.v1.trainer_mode
