@@ -23,7 +23,7 @@ import sys
 import torch
 
 from saei_fast.ops.dispatch import triton_available, triton_interpreting
-from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
+from saei_fast.ops.linear_entropy.op import _linear_logprobs_and_entropy_variant
 from saei_fast.ops.linear_loss import linear_token_loss
 from saei_fast.reference import (
     linear_logprobs_and_entropy_reference,
@@ -35,7 +35,7 @@ from saei_fast.reference import (
 # relative to the largest true gradient entry).
 EXTRA_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
-# name: internal options of linear_logprobs_and_entropy_impl
+# name: internal options of the private hook _linear_logprobs_and_entropy_variant
 VARIANTS = {
     "triton-fused": dict(impl="triton"),
     # Chunks of 256 rows: the training path keeps the first chunk's logits from the forward
@@ -52,7 +52,7 @@ def _variants(device: torch.device) -> dict:
     return {k: v for k, v in VARIANTS.items() if triton_ok or v["impl"] == "torch"}
 
 
-# The fused path with SAEI_LINEAR_TMA=1: the opt-in TMA forward (kernels/linear_entropy_tma),
+# The fused path with SAEI_LINEAR_TMA=1: the opt-in TMA forward (kernels/linear_entropy/tma.py),
 # checked wherever it can run (sm_90, or the interpreter).
 TMA_VARIANT = "triton-fused-tma"
 
@@ -108,7 +108,7 @@ def _labels_case(device, dtype, n, d, v, variant, options) -> list[dict]:
     g_entropy = torch.randn(n, device=device, generator=gen, dtype=torch.float64)
     g_logprobs = torch.randn(n, device=device, generator=gen, dtype=torch.float64)
     ours = _values_and_grads(
-        lambda h, w, b: linear_logprobs_and_entropy_impl(
+        lambda h, w, b: _linear_logprobs_and_entropy_variant(
             h, w, labels, bias=b, temperature=0.8, mask=mask, **options
         ),
         hidden, weight, bias, g_entropy, g_logprobs,
@@ -158,7 +158,7 @@ def _frozen_head_case(device, dtype, n, d, v, variant, options) -> list[dict]:
         return ent.detach(), leaf.grad
 
     ours = run(
-        lambda h: linear_logprobs_and_entropy_impl(
+        lambda h: _linear_logprobs_and_entropy_variant(
             h, weight, None, bias=bias, temperature=1.3, mask=mask, **options
         )[1],
         hidden,
@@ -260,7 +260,7 @@ def _special_rows_case(device, dtype, v, variant, options) -> dict:
     hidden = rows.to(device, dtype)
     weight = torch.eye(v, device=device, dtype=dtype)
     labels = torch.arange(5, device=device) % v
-    logp, ent = linear_logprobs_and_entropy_impl(hidden, weight, labels, **options)
+    logp, ent = _linear_logprobs_and_entropy_variant(hidden, weight, labels, **options)
     true_logp, true_ent = linear_logprobs_and_entropy_reference(hidden, weight, labels)
     err = max(_max_err(ent, true_ent), _max_err(logp, true_logp))
     return {

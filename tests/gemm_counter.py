@@ -27,7 +27,7 @@ class CountingKernel:
 def count_gemms(monkeypatch, run, n_rows: int, d: int, v: int) -> float:
     """GEMM-sized products (``2 * n_rows * d * v`` FLOPs each) that ``run()`` performs: the
     Triton GEMM kernels' launches and every torch.mm / addmm, by their sizes."""
-    from saei_fast.kernels import linear_entropy as kernels
+    from saei_fast.kernels.linear_entropy import launch as kernels
 
     rows = []
     for name in ("_linear_entropy_fwd_kernel", "_linear_entropy_grad_logits_kernel"):

@@ -19,7 +19,9 @@ from op_helpers import DEVICE, INTERPRETER_WARNINGS
 
 import saei_fast
 from saei_fast import AttackConfig, entropy_attack, pixels
-from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
+from saei_fast.ops.linear_entropy.op import (
+    _linear_logprobs_and_entropy_variant as linear_logprobs_and_entropy_impl,
+)
 from saei_fast.pixels import ImageSpace
 from saei_fast.reference import (
     entropy_band_mask_reference,

@@ -522,7 +522,7 @@ def test_per_token_training_path_counts_its_recompute(shipped_report):
 def test_report_lists_lm_head_gemms_per_token_by_path():
     """report.md states what a token costs on each linear path (the issue's "report it"),
     from the plans' own counts: no compile needed."""
-    from saei_fast.kernels._linear_plans import linear_benchmark_plans
+    from saei_fast.kernels.linear_entropy.plans import linear_benchmark_plans
     from saei_fast.kernels.plan import TARGETS
     from saei_fast.tools.kernel_report.report import gemm_counts
 

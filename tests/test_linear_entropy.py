@@ -17,10 +17,9 @@ from gemm_counter import count_gemms
 
 import saei_fast
 from saei_fast.memory import run_isolated
-from saei_fast.ops.linear_entropy import (
-    linear_entropy,
-    linear_logprobs_and_entropy,
-    linear_logprobs_and_entropy_impl,
+from saei_fast.ops.linear_entropy import linear_entropy, linear_logprobs_and_entropy
+from saei_fast.ops.linear_entropy.op import (
+    _linear_logprobs_and_entropy_variant as linear_logprobs_and_entropy_impl,
 )
 from saei_fast.reference import (
     linear_entropy_reference,
@@ -30,7 +29,7 @@ from saei_fast.reference import (
 )
 
 # The module (``saei_fast.ops.linear_entropy`` the attribute is the function of that name).
-linear_module = importlib.import_module("saei_fast.ops.linear_entropy")
+linear_module = importlib.import_module("saei_fast.ops.linear_entropy.custom_ops")
 
 # Triton's CPU interpreter evaluates both sides of tl.where in numpy and warns about the
 # side that is discarded (0 * inf, log 0).
@@ -480,7 +479,7 @@ def _blocks(v: int) -> tuple[int, int, int]:
 @pytest.mark.parametrize("num_splits", [1, 2, 5])
 @pytest.mark.parametrize("v", [7, 37, 2053])
 def test_fused_forward_kernel_across_tiles_and_splits(num_splits, v):
-    from saei_fast.kernels.linear_entropy import linear_entropy_fwd
+    from saei_fast.kernels.linear_entropy.launch import linear_entropy_fwd
 
     hidden, weight, bias = _inputs((21,), 20, v, seed=v)
     bias[: v // 2] -= 60.0  # a vocabulary half far below the rest: splits with tiny mass
@@ -509,7 +508,10 @@ def test_fused_forward_kernel_across_tiles_and_splits(num_splits, v):
 
 @pytest.mark.parametrize("v", [37, 2053])
 def test_grad_logits_kernel_matches_autograd(v):
-    from saei_fast.kernels.linear_entropy import linear_entropy_fwd, linear_entropy_grad_logits
+    from saei_fast.kernels.linear_entropy.launch import (
+        linear_entropy_fwd,
+        linear_entropy_grad_logits,
+    )
 
     hidden, weight, bias = _inputs((21,), 20, v, seed=v + 1)
     labels, _ = _labels_and_mask((21,), v, seed=v)
@@ -536,7 +538,10 @@ def _logits_reference(logits, labels, temperature):
 def test_real_vocabulary_kernels_with_wide_tiles():
     """V = 151936 through both fused kernels (wide vocabulary tiles keep the interpreter
     fast; the tile logic is the same)."""
-    from saei_fast.kernels.linear_entropy import linear_entropy_fwd, linear_entropy_grad_logits
+    from saei_fast.kernels.linear_entropy.launch import (
+        linear_entropy_fwd,
+        linear_entropy_grad_logits,
+    )
 
     v = 151936
     hidden, weight, bias = _inputs((3,), 24, v, seed=12)
@@ -561,7 +566,10 @@ def test_real_vocabulary_kernels_with_wide_tiles():
 def test_forward_keeps_logits_that_the_gradient_pass_reads_back():
     """logits_out holds the first rows' logits (positions in ``rows``); the gradient pass
     over them equals the one that recomputes them."""
-    from saei_fast.kernels.linear_entropy import linear_entropy_fwd, linear_entropy_grad_logits
+    from saei_fast.kernels.linear_entropy.launch import (
+        linear_entropy_fwd,
+        linear_entropy_grad_logits,
+    )
 
     v = 37
     hidden, weight, bias = _inputs((21,), 20, v, seed=8)
@@ -588,7 +596,7 @@ def test_benchmark_plans_keep_the_gpu_busy(target_name):
     """Every launch of the benchmark shapes keeps >= 90% of the GPU's resident slots busy
     until its last tile; the forward's persistent grid never exceeds the resident programs;
     the training path runs 3 GEMMs while the kept chunk covers the rows (N <= 3456 here)."""
-    from saei_fast.kernels.linear_entropy import benchmark_plans
+    from saei_fast.kernels.linear_entropy.plans import benchmark_plans
     from saei_fast.kernels.plan import TARGETS
 
     target = TARGETS[target_name]
@@ -613,7 +621,7 @@ def test_benchmark_plans_keep_the_gpu_busy(target_name):
 @pytest.mark.parametrize("n_rows", [1, 100, 3000, 5000, 20000, 38413])
 def test_forward_schedule_for_any_row_count(target_name, n_rows):
     """Odd token counts too: the persistent grid is chosen per launch, not per shape list."""
-    from saei_fast.kernels._linear_config import fwd_schedule, gemm_config
+    from saei_fast.kernels.linear_entropy.config import fwd_schedule, gemm_config
     from saei_fast.kernels.plan import TARGETS
 
     target = TARGETS[target_name]
@@ -627,7 +635,7 @@ _COMPILE_SCRIPT = """
 import json, sys, tempfile
 from saei_fast.tools.kernel_report.compile import compile_plan, plans_of
 
-module = "saei_fast.kernels.linear_entropy"
+module = "saei_fast.kernels.linear_entropy.plans"
 out, results = tempfile.mkdtemp(), {}
 for case in sys.argv[1:]:
     target, role = case.split("/")
@@ -718,7 +726,9 @@ def test_masked_labels_may_be_padding():
 _MEMORY_SCRIPT = """
 import json, sys, torch
 from saei_fast.memory import peak_memory_of
-from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
+from saei_fast.ops.linear_entropy.op import (
+    _linear_logprobs_and_entropy_variant as linear_logprobs_and_entropy_impl,
+)
 from saei_fast.reference import naive_linear_entropy
 
 torch.set_num_threads(1)  # small ops: threads only add contention on a shared CI machine

@@ -19,7 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from saei_fast.ops.dispatch import triton_available, triton_interpreting
-from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
+from saei_fast.ops.linear_entropy.op import (
+    _linear_logprobs_and_entropy_variant as linear_logprobs_and_entropy_impl,
+)
 
 WORLD = 2
 V, D = 37, 24

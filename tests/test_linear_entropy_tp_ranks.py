@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
+from saei_fast.ops.linear_entropy.op import (
+    _linear_logprobs_and_entropy_variant as linear_logprobs_and_entropy_impl,
+)
 
 V, D = 37, 16
 SHARDS = {1: [(0, 37)], 3: [(0, 1), (1, 21), (21, 37)]}

@@ -15,9 +15,13 @@ import math
 import pytest
 import torch
 
-from saei_fast.kernels import linear_entropy, linear_entropy_tma
+from saei_fast.kernels.linear_entropy import launch as linear_entropy
+from saei_fast.kernels.linear_entropy import plans as linear_plans
+from saei_fast.kernels.linear_entropy import tma as linear_entropy_tma
 from saei_fast.kernels.plan import TARGETS
-from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
+from saei_fast.ops.linear_entropy.op import (
+    _linear_logprobs_and_entropy_variant as linear_logprobs_and_entropy_impl,
+)
 from saei_fast.reference import (
     linear_logprobs_and_entropy_reference,
     naive_linear_logprobs_and_entropy,
@@ -254,7 +258,7 @@ def test_tma_plans_for_sm_90_only():
     kernel = linear_entropy_tma._linear_entropy_tma_fwd_kernel
     default = {
         (p.shape["N"], p.shape["D"]): p
-        for p in linear_entropy.benchmark_plans(TARGETS["sm_90"])
+        for p in linear_plans.benchmark_plans(TARGETS["sm_90"])
         if p.role == "forward"
     }
     for plan in plans:
@@ -268,10 +272,8 @@ def test_tma_plans_for_sm_90_only():
                 twin.bytes_moved,
                 twin.flops,
             )
-    listed = {p.role for p in linear_entropy.benchmark_plans(TARGETS["sm_90"])}
+    listed = {p.role for p in linear_plans.benchmark_plans(TARGETS["sm_90"])}
     assert {"forward-tma", "frozen-head-tma"} <= listed
     for name in ("sm_80", "gfx942", "gfx90a"):
         assert linear_entropy_tma.tma_benchmark_plans(TARGETS[name]) == []
-        assert not any(
-            p.role.endswith("-tma") for p in linear_entropy.benchmark_plans(TARGETS[name])
-        )
+        assert not any(p.role.endswith("-tma") for p in linear_plans.benchmark_plans(TARGETS[name]))

@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 from op_helpers import DEVICE, IMPLS, INTERPRETER_WARNINGS
 
 import saei_fast
-from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
+from saei_fast.ops.linear_entropy.op import (
+    _linear_logprobs_and_entropy_variant as linear_logprobs_and_entropy_impl,
+)
 from saei_fast.reference import linear_logprobs_and_entropy_reference
 
 pytestmark = INTERPRETER_WARNINGS

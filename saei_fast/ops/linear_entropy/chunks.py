@@ -1,5 +1,5 @@
-"""Pieces shared by every linear-entropy path (plain tensors, no autograd): chunk sizing, the
-rows a pass computes, and a chunk's logits.
+"""Pieces shared by every linear-entropy path and by the loss head (plain tensors, no
+autograd): chunk sizing, the rows a pass computes, and a chunk's logits.
 
 Only chunks of rows are ever turned into ``[c, V]`` logits (or their gradient). The chunk
 holds ``c = budget // bytes_per_row`` rows: ``budget`` is ``CUDA_CHUNK_BYTES`` (1 GiB) on
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from saei_fast.ops import _torch_entropy
+from saei_fast.ops.dispatch import kernel_options
+from saei_fast.ops.entropy import torch_path as entropy_torch
 
 # Big enough that a chunk's GEMM has the ~200 rows a CPU BLAS needs for full speed at
 # V = 152k, and that each buffer is above glibc's 32 MiB mmap threshold (freed buffers go
 # back to the system instead of fragmenting the heap).
 CPU_CHUNK_BYTES = 256 << 20
-# The Triton kernels' own budget (kept logits, gradient chunks): kernels.linear_entropy.
+# The Triton kernels' own budget (kept logits, gradient chunks): kernels/linear_entropy.
 CUDA_CHUNK_BYTES = 1 << 30
 
 
@@ -32,12 +33,40 @@ def default_chunk_rows(
     low-precision copy for 16-bit inputs) on the PyTorch path."""
     budget = CUDA_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
     if impl == "torch":
-        acc = _torch_entropy.accumulation_dtype(dtype)
+        acc = entropy_torch.accumulation_dtype(dtype)
         low_precision = dtype.itemsize if dtype != acc else 0
         per_row = vocab_size * (acc_buffers * acc.itemsize + low_precision)
     else:
         per_row = vocab_size * dtype.itemsize
     return max(1, budget // per_row)
+
+
+def fused_chunk_rows(vocab_size: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk of the fused paths (kept logits, gradient chunks): the kernels' own
+    choice, the one ``benchmark_plans`` reports."""
+    # Imported here: the kernels' configuration imports Triton, which the PyTorch path
+    # does not need.
+    from saei_fast.kernels.linear_entropy.config import chunk_rows, gemm_config
+
+    target = kernel_options().target(device)
+    return chunk_rows(dtype, vocab_size, gemm_config(target, dtype).block_n)
+
+
+def chunk_rows_for(impl: str, vocab_size: int, hidden: torch.Tensor, chunk_rows: int, **kw):
+    """``chunk_rows`` or, when it is 0, the default of the path."""
+    if chunk_rows:
+        return chunk_rows
+    if impl == "triton":
+        return fused_chunk_rows(vocab_size, hidden.dtype, hidden.device)
+    return default_chunk_rows(vocab_size, hidden.dtype, hidden.device, impl, **kw)
+
+
+def keep_rows(impl: str, hidden: torch.Tensor, vocab_size: int, chunk_rows: int) -> int:
+    """Rows whose logits a training forward keeps for its backward (fused path only): one
+    chunk, at most all the rows."""
+    if impl != "triton":
+        return 0
+    return min(hidden.shape[0], chunk_rows_for(impl, vocab_size, hidden, chunk_rows))
 
 
 def chunks(n_rows: int, rows: torch.Tensor | None, chunk_rows: int, start: int = 0):

@@ -1,14 +1,18 @@
-"""Launch configuration of the linear-entropy GEMM kernels: one place that both the
-launchers (``linear_entropy``) and ``benchmark_plans`` (``_linear_plans``, what
-``saei-fast kernels`` compiles) read, so the report describes exactly what a launch runs.
+"""Launch configuration of the linear-entropy GEMM kernels: one place that the launchers
+(``launch``, ``tma``) and the benchmark plans (``plans``, what ``saei-fast kernels``
+compiles) read, so the report describes exactly what a launch runs.
 
 * ``gemm_config(target, dtype)``: tiles, warps, stages and the verified resident programs per
-  SM (CU) of the forward kernel on that target;
+  SM (CU) of the forward kernel on that target; ``config_for`` with a test's block override;
 * ``fwd_schedule``: the forward's persistent grid (``group_rows`` x ``splits`` programs, no
   more than are resident), chosen from ``Target.sm_count`` and ``ctas_per_sm`` so that the
-  GPU stays busy until the last tile;
-* ``chunk_rows``: rows per ``[c, V]`` chunk (kept logits, gradient chunks);
-* ``training_gemms``: how many GEMM-sized products the training path runs.
+  GPU stays busy until the last tile; ``grad_grid``: the gradient pass's grid;
+* ``TUNING_CONFIGS``: what the opt-in search (``SAEI_AUTOTUNE=1``) tries for the grad kernel;
+* ``chunk_rows`` / ``even_chunk_rows``: rows per ``[c, V]`` chunk (kept logits, gradient
+  chunks, the loss head's chunks);
+* ``training_gemms``: how many GEMM-sized products the training path runs;
+* ``BENCHMARK_ROWS`` / ``BENCHMARK_DIMS`` / ``BENCHMARK_VOCAB``: the shapes the plans of both
+  forwards (default and TMA) describe.
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ import torch
 import triton
 
 from saei_fast.kernels.plan import Target
+
+BENCHMARK_ROWS = (2048, 4096, 8192, 12288, 16384)
+BENCHMARK_DIMS = (3584, 4096)
+BENCHMARK_VOCAB = 151936
+
+# Rows per program of the kernel that merges the forward's per-split statistics.
+MERGE_BLOCK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +85,17 @@ def gemm_config(target: Target, dtype: torch.dtype) -> GemmConfig:
         # stage takes 222-234.
         return GemmConfig(128, 128, 32, 8, 4, ctas_per_sm=1)
     return GemmConfig(128, 128, 64, 8, 3, ctas_per_sm=1)
+
+
+def config_for(target: Target, dtype: torch.dtype, blocks) -> GemmConfig:
+    """``gemm_config``, with ``blocks = (BLOCK_N, BLOCK_V, BLOCK_D)`` overriding the tiles
+    when given (tests use it to cross tile edges)."""
+    config = gemm_config(target, dtype)
+    if blocks is not None:
+        config = dataclasses.replace(
+            config, block_n=blocks[0], block_v=blocks[1], block_d=blocks[2]
+        )
+    return config
 
 
 def elementwise(config: GemmConfig) -> GemmConfig:
@@ -155,6 +177,29 @@ def fwd_schedule(
         (c for c in candidates if c[0] >= best - 0.01), key=lambda c: (c[1], c[0])
     )
     return FwdSchedule(group, splits, useful)
+
+
+def grad_grid(n_rows: int, V: int, block_n: int, block_v: int) -> tuple[int]:
+    """One program per (row block, vocabulary tile) of the gradient pass."""
+    return (triton.cdiv(n_rows, block_n) * triton.cdiv(V, block_v),)
+
+
+# Searched with SAEI_AUTOTUNE=1 (the grad kernel only: the forward's grid depends on the
+# tile and occupancy of the config, so it keeps the verified table). Every configuration
+# here compiles without spills for sm_90 and sm_80; 128 x 256 x 32 with 8 warps (36 B) and
+# 128 x 128 x 64 with 4 warps (176 B) spilled and are gone.
+TUNING_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+    for (bn, bv, bd), warps, stages in (
+        ((128, 128, 64), 8, 3),
+        ((128, 128, 64), 8, 4),
+        ((64, 128, 64), 4, 3),
+        ((64, 128, 64), 8, 3),
+        ((128, 64, 64), 4, 3),
+        ((128, 64, 64), 8, 3),
+        ((64, 64, 64), 4, 3),
+    )
+]
 
 
 # The chunk budget of the Triton paths: the logits kept from the forward for the backward,

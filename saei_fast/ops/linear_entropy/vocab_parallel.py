@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from saei_fast.ops._linear_paths import linear_backward, linear_forward
+from saei_fast.ops.linear_entropy.custom_ops import linear_backward, linear_forward
 
 
 @dataclass(frozen=True)
@@ -178,9 +178,8 @@ def vocab_parallel_linear_entropy(
     process_group,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(entropy, logprobs or None)`` for flat ``hidden [N, D]`` and this rank's weight shard
-    (arguments already validated by the public functions)."""
-    if hidden.dtype == torch.float64:
-        impl = "torch"  # the kernels accumulate in fp32
+    (arguments already validated, ``impl`` resolved by ``dispatch.op_impl``, by the public
+    functions)."""
     entropy, second = _VocabParallelLinearEntropy.apply(
         hidden, weight, bias, labels, mask, inv_temperature, impl, chunk_rows, layout, process_group
     )

@@ -1,6 +1,7 @@
-"""Linear entropy by chunks of materialised logits: the PyTorch path (CPU, float64) and the
-chunked Triton variant (cuBLAS logits + the entropy-from-logits kernels, kept for
-benchmarks). Plain tensors, no autograd.
+"""The linear-entropy op's PyTorch path: chunks of materialised logits (CPU, float64). Plain
+tensors, no autograd. The same loop serves the chunked Triton variant (``impl ==
+"triton_chunked"``, kept for benchmarks): cuBLAS logits per chunk, turned into statistics
+and gradients by the entropy-from-logits kernels (``triton_path.chunk_*``).
 
 Each chunk's logits come from one GEMM in the input dtype (as ``F.linear`` returns them) and
 are turned into statistics in the accumulation dtype; the backward recomputes them and turns
@@ -11,14 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from saei_fast.ops import _torch_entropy, _torch_fused
-from saei_fast.ops._linear_chunks import chunk_logits, chunks, owned_labels
+from saei_fast.ops.entropy import compiled as entropy_compiled
+from saei_fast.ops.entropy import torch_path as entropy_torch
+from saei_fast.ops.linear_entropy import triton_path
+from saei_fast.ops.linear_entropy.chunks import chunk_logits, chunks, owned_labels
 
 
 def _acc_logits(logits: torch.Tensor) -> torch.Tensor:
     """A fresh chunk of logits in the accumulation dtype, a buffer the caller may overwrite
     (no copy when the GEMM already produced it in that dtype)."""
-    return logits.to(_torch_entropy.accumulation_dtype(logits.dtype))
+    return logits.to(entropy_torch.accumulation_dtype(logits.dtype))
 
 
 def forward(
@@ -34,7 +37,7 @@ def forward(
     """``(entropy, logprobs or None, stats)`` of the rows ``rows`` (None: all), chunk by chunk;
     rows not computed give 0. ``impl`` is ``"torch"`` or ``"triton_chunked"``."""
     N = hidden.shape[0]
-    acc = _torch_entropy.accumulation_dtype(hidden.dtype)
+    acc = entropy_torch.accumulation_dtype(hidden.dtype)
     entropy = torch.zeros(N, dtype=acc, device=hidden.device)
     stats = torch.zeros(N, 2, dtype=acc, device=hidden.device)
     logprobs = torch.zeros_like(entropy) if labels is not None else None
@@ -57,15 +60,13 @@ def chunk_forward(
     """``(entropy, logprobs or None, stats)`` of one chunk of logits ``[c, V]`` (the GEMM's
     output, which this may overwrite). A label outside ``[0, V)`` gives a NaN log-prob."""
     if impl == "triton_chunked":
-        from saei_fast.kernels.entropy_logits import entropy_fwd
-
-        return entropy_fwd(logits, labels, None, inv_temperature)
+        return triton_path.chunk_stats(logits, labels, inv_temperature)
     # A 16-bit chunk and its fp32 copy are alive together: the chunk budget counts both.
     x = _acc_logits(logits)
     safe_labels = in_range = None
     if labels is not None:
         safe_labels, in_range = owned_labels(labels, x.shape[1])
-    h, lp, stats = _torch_entropy.rows_forward(x, safe_labels, inv_temperature)
+    h, lp, stats = entropy_torch.rows_forward(x, safe_labels, inv_temperature)
     if lp is not None:
         lp = torch.where(in_range, lp, torch.nan)
     return h, lp, stats
@@ -93,15 +94,13 @@ def chunk_grad_logits(impl, logits, labels, entropy, stats, g_h, g_lp, inv_t) ->
     (the GEMM's output, consumed), given the chunk's forward ``entropy`` and ``stats``; in
     the logits' dtype. Labels outside ``[0, V)`` contribute no one-hot term."""
     if impl == "triton_chunked":
-        from saei_fast.kernels.entropy_logits import entropy_bwd
-
         # In place: the chunk's logits become their gradient.
-        return entropy_bwd(logits, labels, None, entropy, stats, g_h, g_lp, inv_t, out=logits)
+        return triton_path.chunk_grad(logits, labels, entropy, stats, g_h, g_lp, inv_t)
     dtype = logits.dtype
     x = _acc_logits(logits)
-    grad = _torch_entropy.rows_backward(x, stats, entropy, g_h, g_lp, None, inv_t)
+    grad = entropy_torch.rows_backward(x, stats, entropy, g_h, g_lp, None, inv_t)
     if labels is not None:
-        # The one-hot term, only for labels this weight owns (see linear_forward).
+        # The one-hot term, only for labels this weight owns (see custom_ops.linear_forward).
         safe_labels, in_range = owned_labels(labels, grad.shape[1])
         onehot = torch.where(in_range, g_lp * inv_t, 0.0)
         grad.scatter_add_(1, safe_labels.unsqueeze(1), onehot.unsqueeze(1))
@@ -112,14 +111,14 @@ def _entropy_and_logits_grad(x: torch.Tensor, scratch: torch.Tensor, inv_tempera
     """Entropy of each row of raw logits ``x [c, V]`` (accumulation dtype), and ``dH/dx``
     written over ``x``; ``scratch`` is a second ``[c, V]`` buffer. Two buffers in all.
 
-    Same statistics as ``_torch_entropy.rows_forward`` (shift by the row max before scaling
-    by ``1/T``), then ``dH/dx = p * (-log p - H) / T = (e / s) * (w / s - d) / T`` with
-    ``d = (x - max) / T``, ``e = exp(d)``, ``s = sum e``, ``w = sum e * d``.
+    Same statistics as the entropy op's ``torch_path.rows_forward`` (shift by the row max
+    before scaling by ``1/T``), then ``dH/dx = p * (-log p - H) / T = (e / s) * (w / s - d) / T``
+    with ``d = (x - max) / T``, ``e = exp(d)``, ``s = sum e``, ``w = sum e * d``.
     """
-    if _torch_fused.usable(x):
+    if entropy_compiled.usable(x):
         # One compiled loop per row block instead of the passes below (issue of OpenMP
         # regions on a busy CPU); None when compilation is unavailable.
-        fused = _torch_fused.entropy_and_grad(x, inv_temperature)
+        fused = entropy_compiled.entropy_and_grad(x, inv_temperature)
         if fused is not None:
             return fused
     d = x.sub_(x.amax(dim=1, keepdim=True))
@@ -128,8 +127,8 @@ def _entropy_and_logits_grad(x: torch.Tensor, scratch: torch.Tensor, inv_tempera
     e = torch.exp(d, out=scratch)
     total = e.sum(dim=1, keepdim=True)
     # Clamp -inf logits to a finite value whose exp is already 0, so that 0 * (-inf) never
-    # appears below (see _torch_entropy._log_smallest).
-    d.clamp_(min=_torch_entropy._log_smallest(d.dtype))
+    # appears below (see the entropy op's torch_path._log_smallest).
+    d.clamp_(min=entropy_torch._log_smallest(d.dtype))
     # sum(e * d) column block by column block: no third [c, V] buffer, and pairwise
     # summation within each block.
     weighted = torch.zeros_like(total)
@@ -155,7 +154,7 @@ def entropy_with_input_grad(
     logits are turned into ``dH/dlogits`` while they are in memory, then
     ``dH/dhidden = dH/dlogits @ weight``. Two GEMMs; the chunk buffers are allocated once."""
     N, V = hidden.shape[0], weight.shape[0]
-    acc = _torch_entropy.accumulation_dtype(hidden.dtype)
+    acc = entropy_torch.accumulation_dtype(hidden.dtype)
     entropy = torch.zeros(N, dtype=acc, device=hidden.device)
     make = torch.empty if rows is None else torch.zeros
     input_grad = make(hidden.shape, dtype=hidden.dtype, device=hidden.device)
@@ -182,14 +181,8 @@ def entropy_with_input_grad(
             h, grad_logits = _entropy_and_logits_grad(logits, scratch, inv_temperature)
             grad_logits = grad_logits.to(weight.dtype)
         else:
-            from saei_fast.kernels.entropy_logits import entropy_bwd, entropy_fwd
-
-            h, _, stats = entropy_fwd(logits, None, None, inv_temperature)
-            ones = torch.ones_like(h)
             # In place: the chunk's logits become dH/dlogits.
-            grad_logits = entropy_bwd(
-                logits, None, None, h, stats, ones, None, inv_temperature, out=logits
-            )
+            h, grad_logits = triton_path.chunk_entropy_and_grad(logits, inv_temperature)
         entropy[index] = h
         input_grad[index] = torch.mm(grad_logits, weight)
     return entropy, input_grad

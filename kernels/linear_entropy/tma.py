@@ -1,5 +1,6 @@
 """The fused linear-entropy forward with its operands loaded by the Hopper Tensor Memory
-Accelerator (TMA): an opt-in variant of ``linear_entropy``'s forward for sm_90.
+Accelerator (TMA): an opt-in variant of the default forward (``launch.linear_entropy_fwd``)
+for sm_90, with its kernel, device check, launcher and benchmark plans.
 
 What it changes: the weight tile (the big stream, ``[V, D]`` with unit column stride) and,
 when every row is computed (``rows`` is None), the hidden tile come through host-built
@@ -15,61 +16,62 @@ hidden layout TMA cannot describe are read through pointers, as before.
 
 Compiled for sm_90 (``saei-fast kernels --arch sm_90``, roles ``forward-tma`` and
 ``frozen-head-tma``; bf16, 128 x 128 x 64 tiles, 8 warps, 3 stages, N = 8192 and the 3456-row
-frozen-head chunk, D = 4096): two ``UTMALDG`` (``cp.async.bulk.tensor``) and four ``HGMMA``
-per 64-deep step, in a loop of 76 SASS instructions against the pointer kernel's 110 with
-labels (87 against 102 without): its 8 ``LDGSTS`` and their address arithmetic are gone, at
-the cost of 4 ``BAR`` and 2 mbarrier (``SYNCS``) instructions per step instead of 2 ``BAR``.
-No spills; 96 KiB of pipelined shared memory as before. Registers, TMA / default: Triton 3.9
-180 / 182 with labels and 151 / 174 without; Triton 3.6 184 / 170 and 142 / 174. Every one
-is over 128, so one program per SM still, and the same persistent schedule and wave
-efficiency as the default.
+frozen-head chunk, D = 4096): two ``UTMALDG`` and four ``HGMMA`` per 64-deep step, in a loop
+of 76 SASS instructions against the pointer kernel's 110 with labels (87 against 102
+without): its 8 ``LDGSTS`` and their address arithmetic are gone, for 4 ``BAR`` and 2
+mbarrier (``SYNCS``) instructions per step instead of 2 ``BAR``. No spills; 96 KiB of
+pipelined shared memory as before. Registers, TMA / default: Triton 3.9 180 / 182 with labels
+and 151 / 174 without; Triton 3.6 184 / 170 and 142 / 174: all over 128, so one program per
+SM still, with the default's persistent schedule and wave efficiency.
 
 Warp specialisation (``tl.range(..., warp_specialize=True)``) is not used: on sm_90 with 8
-warps, both Triton 3.6 and 3.9 leave the K loop as it was (the same SASS, byte for byte); with
-4 warps both compile this kernel to an empty function (``EXIT`` only). On a plain 4-warp TMA
-matmul, 3.6 specialises the K loop (a producer and two consumer warp groups) but 3.9's
-``NVGPUWarpSpecialization`` pass fails; on a persistent tile loop neither version
-specialises anything, with 4 or 8 warps.
+warps, Triton 3.6 and 3.9 leave the K loop as it was (the same SASS); with 4 warps both
+compile this kernel to an empty function (``EXIT`` only). On a plain 4-warp TMA matmul, 3.6
+specialises the K loop but 3.9's ``NVGPUWarpSpecialization`` pass fails; on a persistent
+tile loop neither version specialises anything, with 4 or 8 warps.
 
 It is UNMEASURED: nothing here has run on a GPU, so it is not the default. Switch it on
-with ``SAEI_LINEAR_TMA=1``: ``linear_entropy_fwd`` then launches this kernel on sm_90 CUDA
-devices (and under ``TRITON_INTERPRET=1``, where the tests run it); on any other device the
-variable is an error (``RuntimeError``), so a measurement is never silently of the default
-kernel. A weight whose layout TMA cannot describe (column stride not 1, row stride or base
-address not 16-byte aligned) gets the default kernel for that call. ``bench/gpu_check.py``
-times both forwards side by side.
+with ``SAEI_LINEAR_TMA=1`` (read by the host's dispatch into ``KernelOptions.linear_tma``):
+the host's Triton path (``saei_fast.ops.linear_entropy.triton_path``) then launches this
+kernel on sm_90 CUDA devices (and under ``TRITON_INTERPRET=1``, where the tests run it); on
+any other device the variable is an error (``RuntimeError``, :func:`check_tma_device`), so
+a measurement is never silently of the default kernel. A weight whose layout TMA cannot
+describe (column stride not 1, row stride or base address not 16-byte aligned) gets the
+default kernel for that call (:func:`tma_selected`). ``bench/gpu_check.py`` times both
+forwards side by side.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from saei_fast.kernels._linear_config import (
+from saei_fast.kernels.linear_entropy.config import (
+    BENCHMARK_DIMS,
+    BENCHMARK_ROWS,
+    BENCHMARK_VOCAB,
     GemmConfig,
     chunk_rows,
     fwd_schedule,
     gemm_config,
     training_gemms,
 )
-from saei_fast.kernels.plan import TRITON_DTYPE, LaunchPlan, Target, target_for
-from saei_fast.kernels.linear_entropy import (
-    _bias_and_mask,
-    _check_blocks,
-    _check_logits_buffer,
-    _fold_tile,
-    _store_partials,
+from saei_fast.kernels.linear_entropy.kernels import _bias_and_mask, _fold_tile, _store_partials
+from saei_fast.kernels.linear_entropy.launch import (
+    check_blocks,
+    check_logits_buffer,
     forward_outputs,
     merge_splits,
 )
+from saei_fast.kernels.plan import DEFAULT_OPTIONS, TRITON_DTYPE, KernelOptions, LaunchPlan, Target
 
-# The opt-in switch read by ``linear_entropy.linear_entropy_fwd``.
-TMA_ENV = "SAEI_LINEAR_TMA"
+# The variable that switches the TMA forward on, as its refusal names it (the host's
+# dispatch reads it: ``saei_fast.ops.dispatch.LINEAR_TMA_ENV``).
+TMA_SWITCH = "SAEI_LINEAR_TMA"
 
 # -------------------------------------------------------------------------------------------
 # Kernels
@@ -244,19 +246,11 @@ def tma_config(target: Target, dtype: torch.dtype) -> GemmConfig:
     return gemm_config(target, dtype)
 
 
-def tma_requested() -> bool:
-    """Whether ``SAEI_LINEAR_TMA`` asks for the TMA forward (unset, empty or 0: no)."""
-    return os.environ.get(TMA_ENV, "0") not in ("", "0")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def check_tma_device(device: torch.device) -> None:
+def check_tma_device(device: torch.device, interpreting: bool = False) -> None:
     """Raise ``RuntimeError`` unless ``device`` can run the TMA forward: a CUDA device of
-    compute capability 9.x (Hopper: TMA and wgmma), or CPU tensors under the interpreter."""
-    if device.type == "cpu" and _interpreting():
+    compute capability 9.x (Hopper: TMA and wgmma), or CPU tensors when the kernels run in
+    Triton's interpreter (``interpreting``)."""
+    if device.type == "cpu" and interpreting:
         return
     if device.type == "cuda" and not getattr(torch.version, "hip", None):
         major, minor = torch.cuda.get_device_capability(device)
@@ -266,8 +260,8 @@ def check_tma_device(device: torch.device) -> None:
     else:
         found = "a ROCm device" if device.type == "cuda" else f"a {device.type} device"
     raise RuntimeError(
-        f"{TMA_ENV}=1 selects the TMA forward, which needs an sm_90 CUDA device; got {found} "
-        f"({device}). Unset {TMA_ENV} to use the default forward."
+        f"{TMA_SWITCH}=1 selects the TMA forward, which needs an sm_90 CUDA device; got {found} "
+        f"({device}). Unset {TMA_SWITCH} to use the default forward."
     )
 
 
@@ -283,14 +277,21 @@ def _describable(tensor: torch.Tensor) -> bool:
     )
 
 
-def tma_selected(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The selection hook of ``linear_entropy_fwd``: True when ``SAEI_LINEAR_TMA`` asks for
-    the TMA forward and ``weight`` can be described (raises on a device that cannot run it,
-    see :func:`check_tma_device`); False otherwise (the default forward runs)."""
-    if not tma_requested():
+def tma_selected(hidden: torch.Tensor, weight: torch.Tensor, options: KernelOptions) -> bool:
+    """The host's choice of forward: True when ``options.linear_tma`` asks for the TMA
+    forward and ``weight`` can be described (raises on a device that cannot run it, see
+    :func:`check_tma_device`); False otherwise (the default forward runs)."""
+    if not options.linear_tma:
         return False
-    check_tma_device(hidden.device)
+    check_tma_device(hidden.device, options.interpreting)
     return _describable(weight)
+
+
+def _interpreted() -> bool:
+    # Whether this kernel runs in the interpreter was fixed when triton.jit made it (an
+    # InterpretedFunction, not a JITFunction): a direct call with the default options on
+    # CPU tensors runs interpreted too, so ask the kernel object.
+    return not isinstance(_linear_entropy_tma_fwd_kernel, triton.runtime.JITFunction)
 
 
 # -------------------------------------------------------------------------------------------
@@ -309,29 +310,30 @@ def linear_entropy_tma_fwd(
     logits_out: torch.Tensor | None = None,
     blocks: tuple[int, int, int] | None = None,
     num_splits: int | None = None,
+    options: KernelOptions = DEFAULT_OPTIONS,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``linear_entropy.linear_entropy_fwd`` (same arguments, results and numerics) with the
+    """``launch.linear_entropy_fwd`` (same arguments, results and numerics) with the
     weight tile, and the hidden tile when ``rows`` is None, loaded by TMA.
 
     Raises ``ValueError`` when ``weight`` is not TMA-describable (unit column stride, 16-byte
     aligned base and row stride: ``D`` a multiple of 8 in 16-bit, of 4 in fp32), and
     ``RuntimeError`` off sm_90 (see :func:`check_tma_device`).
     """
-    _check_blocks(blocks)
+    check_blocks(blocks)
     if weight.dim() != 2 or not _describable(weight):
         raise ValueError(
             "weight must be [V, D] with unit column stride and 16-byte aligned base and row "
             f"stride for TMA, got shape {tuple(weight.shape)} strides {weight.stride()}"
         )
-    check_tma_device(hidden.device)
+    check_tma_device(hidden.device, options.interpreting or _interpreted())
     V, D = weight.shape
     entropy, logprobs, stats, n_rows = forward_outputs(hidden, rows, labels)
     if n_rows == 0:
         return entropy, logprobs, stats
 
     if logits_out is not None:
-        _check_logits_buffer("logits_out", logits_out, hidden.dtype, V)
-    target = target_for(hidden.device)
+        check_logits_buffer("logits_out", logits_out, hidden.dtype, V)
+    target = options.target(hidden.device)
     config = tma_config(target, hidden.dtype)
     if blocks is not None:
         config = dataclasses.replace(
@@ -339,47 +341,24 @@ def linear_entropy_tma_fwd(
         )
     schedule = fwd_schedule(target, config, n_rows, V, num_splits=num_splits)
     hidden_tma = rows is None and _describable(hidden)
-    hidden_desc = (
-        TensorDescriptor.from_tensor(hidden, [config.block_n, config.block_d])
-        if hidden_tma
-        else None
-    )
+    hidden_desc = None
+    if hidden_tma:
+        hidden_desc = TensorDescriptor.from_tensor(hidden, [config.block_n, config.block_d])
     weight_desc = TensorDescriptor.from_tensor(weight, [config.block_v, config.block_d])
     n_parts = 4 if labels is not None else 3
     parts = torch.empty(n_parts, schedule.splits, n_rows, device=hidden.device)
+    has_labels, has_logits = labels is not None, logits_out is not None
     _linear_entropy_tma_fwd_kernel[schedule.grid](
-        hidden_desc,
-        None if hidden_tma else hidden,
-        weight_desc,
-        bias,
-        rows,
-        labels,
-        parts[0],
-        parts[1],
-        parts[2],
-        parts[3] if labels is not None else None,
-        logits_out,
-        n_rows,
-        0 if logits_out is None else logits_out.shape[0],
-        V,
-        D,
-        schedule.group_rows,
-        schedule.splits,
-        hidden.stride(0),
-        hidden.stride(1),
-        0 if logits_out is None else logits_out.stride(0),
-        inv_temperature,
-        HAS_BIAS=bias is not None,
-        HAS_ROWS=rows is not None,
-        HIDDEN_TMA=hidden_tma,
-        HAS_LABELS=labels is not None,
-        STORE_LOGITS=logits_out is not None,
-        BLOCK_N=config.block_n,
-        BLOCK_V=config.block_v,
-        BLOCK_D=config.block_d,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+        hidden_desc, None if hidden_tma else hidden, weight_desc, bias, rows, labels,
+        parts[0], parts[1], parts[2], parts[3] if has_labels else None, logits_out,
+        n_rows, logits_out.shape[0] if has_logits else 0, V, D,
+        schedule.group_rows, schedule.splits, hidden.stride(0), hidden.stride(1),
+        logits_out.stride(0) if has_logits else 0, inv_temperature,
+        HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, HIDDEN_TMA=hidden_tma,
+        HAS_LABELS=has_labels, STORE_LOGITS=has_logits,
+        BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_D=config.block_d,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
     merge_splits(rows, labels, parts, entropy, logprobs, stats, V, inv_temperature)
     return entropy, logprobs, stats
 
@@ -392,37 +371,22 @@ def linear_entropy_tma_fwd(
 def _plan(target: Target, n_rows: int, D: int, labels: bool, role: str, extra: dict):
     """The TMA forward over ``n_rows`` contiguous bf16 rows, keeping the logits of up to one
     chunk, as ``linear_entropy_tma_fwd`` launches it."""
-    from saei_fast.kernels._linear_plans import BENCHMARK_VOCAB
-
     dtype, V = torch.bfloat16, BENCHMARK_VOCAB
     config = tma_config(target, dtype)
     schedule = fwd_schedule(target, config, n_rows, V)
     data = TRITON_DTYPE[dtype]
-    consts = {
-        "hidden_ptr": None,
-        "bias_ptr": None,
-        "rows_ptr": None,
-        "HAS_BIAS": False,
-        "HAS_ROWS": False,
-        "HIDDEN_TMA": True,
-        "HAS_LABELS": labels,
-        "STORE_LOGITS": True,
-        "BLOCK_N": config.block_n,
-        "BLOCK_V": config.block_v,
-        "BLOCK_D": config.block_d,
-        # A real launch specialises the unit column stride of a contiguous hidden to 1.
-        "stride_hd": 1,
-    }
+    consts = {"hidden_ptr": None, "bias_ptr": None, "rows_ptr": None, "HAS_BIAS": False}
+    consts |= {"HAS_ROWS": False, "HIDDEN_TMA": True, "HAS_LABELS": labels, "STORE_LOGITS": True}
+    consts |= {"BLOCK_N": config.block_n, "BLOCK_V": config.block_v, "BLOCK_D": config.block_d}
+    # A real launch specialises the unit column stride of a contiguous hidden to 1.
+    consts["stride_hd"] = 1
     if not labels:
         consts |= {"labels_ptr": None, "part_label_ptr": None}
     types = {
         "hidden_desc": f"tensordesc<{data}[{config.block_n}, {config.block_d}]>",
         "weight_desc": f"tensordesc<{data}[{config.block_v}, {config.block_d}]>",
         "labels_ptr": "*i64",
-        "part_m_ptr": "*fp32",
-        "part_s_ptr": "*fp32",
-        "part_w_ptr": "*fp32",
-        "part_label_ptr": "*fp32",
+        **dict.fromkeys(("part_m_ptr", "part_s_ptr", "part_w_ptr", "part_label_ptr"), "*fp32"),
         "logits_ptr": f"*{data}",
         "stride_hn": "i64",
         "stride_ln": "i64",
@@ -469,7 +433,6 @@ def tma_benchmark_plans(target: Target) -> list[LaunchPlan]:
     (TMA is Hopper's; the variant is only selected there)."""
     if target.is_amd or target.arch != 90:
         return []
-    from saei_fast.kernels._linear_plans import BENCHMARK_DIMS, BENCHMARK_ROWS, BENCHMARK_VOCAB
 
     chunk = chunk_rows(torch.bfloat16, BENCHMARK_VOCAB, tma_config(target, torch.bfloat16).block_n)
     plans = []

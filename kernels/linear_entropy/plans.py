@@ -1,7 +1,8 @@
 """The linear-entropy launches for the benchmark shapes, as :class:`LaunchPlan` records:
-what ``saei-fast kernels`` compiles and reports (``linear_entropy.benchmark_plans``).
+what ``saei-fast kernels`` compiles and reports (:func:`benchmark_plans`: the default
+kernels' plans here, the opt-in TMA forward's from ``tma``).
 
-Every plan comes from the launchers' own choices (``_linear_config``): the same tiles,
+Every plan comes from the launchers' own choices (``config``): the same tiles,
 warps, stages, persistent grid and chunk rows as a real launch of that shape, bf16,
 contiguous ``hidden [N, D]`` and lm_head ``[V, D]``, no bias, no mask.
 """
@@ -13,27 +14,27 @@ import dataclasses
 import torch
 import triton
 
-from saei_fast.kernels._linear_config import (
+from saei_fast.kernels.linear_entropy.config import (
+    BENCHMARK_DIMS,
+    BENCHMARK_ROWS,
+    BENCHMARK_VOCAB,
+    MERGE_BLOCK,
     GemmConfig,
     chunk_rows,
     elementwise,
     even_chunk_rows,
     fwd_schedule,
     gemm_config,
+    grad_grid,
     training_gemms,
 )
-from saei_fast.kernels.plan import TRITON_DTYPE, LaunchPlan, Target
-from saei_fast.kernels.linear_entropy import (
-    MERGE_BLOCK,
+from saei_fast.kernels.linear_entropy.kernels import (
     _linear_entropy_fwd_kernel,
     _linear_entropy_grad_logits_kernel,
     _merge_splits_kernel,
-    grad_grid,
 )
-
-BENCHMARK_ROWS = (2048, 4096, 8192, 12288, 16384)
-BENCHMARK_DIMS = (3584, 4096)
-BENCHMARK_VOCAB = 151936
+from saei_fast.kernels.linear_entropy.tma import tma_benchmark_plans
+from saei_fast.kernels.plan import TRITON_DTYPE, LaunchPlan, Target
 
 # A real launch specialises the unit inner strides of contiguous tensors to the constant 1,
 # and marks pointers and sizes / strides that are multiples of 16 as divisible by 16 (the
@@ -219,3 +220,10 @@ def linear_benchmark_plans(target: Target) -> list[LaunchPlan]:
                 _grad_plan(case, "loss-grad", loss_chunk, True, True, loss),
             ]
     return plans
+
+
+def benchmark_plans(target: Target) -> list[LaunchPlan]:
+    """Every launch of the linear-entropy paths for the benchmark shapes on ``target``, as
+    ``saei-fast kernels`` compiles them: the default kernels', then the opt-in TMA forward's
+    (sm_90 only), reported beside the default one."""
+    return linear_benchmark_plans(target) + tma_benchmark_plans(target)
