@@ -210,9 +210,9 @@ def tma_rows(device: torch.device, records: list[dict]) -> list[dict]:
     sm_90 (the TMA forward runs there only)."""
     from gpu_linear import tma_device, tma_switch
 
-    from saei_fast.kernels._linear_config import chunk_rows, gemm_config
-    from saei_fast.kernels.linear_entropy import linear_entropy_fwd
+    from saei_fast.kernels.linear_entropy.config import chunk_rows, gemm_config
     from saei_fast.kernels.plan import target_for
+    from saei_fast.ops.linear_entropy.triton_path import fused_forward
     from saei_fast.tools.benchmarks.timing import interleaved
 
     if device.type != "cuda" or not tma_device(device):
@@ -228,8 +228,9 @@ def tma_rows(device: torch.device, records: list[dict]) -> list[dict]:
         kept = torch.empty(min(n, chunk_rows(dtype, V, block_n)), V, device=device, dtype=dtype)
 
         def forward(tma: bool, hidden=hidden, weight=weight, labels=labels, kept=kept):
+            # The host's choice of forward reads the switch (the kernels never do).
             with tma_switch(tma):
-                return linear_entropy_fwd(hidden, weight, None, None, labels, 1.0, logits_out=kept)
+                return fused_forward(hidden, weight, None, None, labels, 1.0, logits_out=kept)
 
         forward(False), forward(True)  # compiles both
         results = {tma: forward(tma) for tma in (False, True)}

@@ -207,27 +207,10 @@ def linear_entropy_grad_logits(
     if n_rows == 0:
         return out
     args = (
-        hidden,
-        weight,
-        bias,
-        rows,
-        labels,
-        entropy,
-        stats,
-        grad_entropy,
-        grad_logprobs,
-        out,
-        row_start,
-        n_rows,
-        V,
-        hidden.shape[1],
-        hidden.stride(0),
-        hidden.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        out.stride(0),
-        inv_temperature,
-    )
+        hidden, weight, bias, rows, labels, entropy, stats, grad_entropy, grad_logprobs, out,
+        row_start, n_rows, V, hidden.shape[1], hidden.stride(0), hidden.stride(1),
+        weight.stride(0), weight.stride(1), out.stride(0), inv_temperature,
+    )  # fmt: skip
     meta = dict(
         HAS_BIAS=bias is not None,
         HAS_ROWS=rows is not None,

@@ -79,7 +79,8 @@ def linear_backward(
     logits are recomputed chunk by chunk. ``entropy`` / ``stats`` are the statistics the
     gradient is taken at (the vocabulary-parallel op passes the global ones with a shard of
     the weight). A 16-bit ``grad_weight`` is accumulated over chunks in its own dtype (each
-    chunk's GEMM adds in fp32 and rounds once).
+    chunk's GEMM adds in fp32 and rounds once). One function, longer than most, because the
+    kept rows and the recomputed rows share the gradient buffers and the ``accumulate`` step.
     """
     N, V = hidden.shape[0], weight.shape[0]
     acc = entropy_torch.accumulation_dtype(hidden.dtype)

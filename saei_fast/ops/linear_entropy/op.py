@@ -130,7 +130,9 @@ def _linear_logprobs_and_entropy_variant(
     ``dH/dhidden`` (``linear_entropy_with_input_grad``) and the backward is a per-row scaling,
     two GEMMs in all instead of three. Otherwise the backward recomputes each chunk.
 
-    Returns ``(logprobs or None, entropy)`` shaped like the token dims of ``hidden``.
+    Returns ``(logprobs or None, entropy)`` shaped like the token dims of ``hidden``. Longer
+    than most functions because it is the one body of both public functions: checks, the
+    path, and the three ways through the op (vocabulary-parallel, frozen head, custom op).
     """
     hidden, weight, bias = check_linear(hidden, weight, bias)
     temperature = check_temperature(temperature)

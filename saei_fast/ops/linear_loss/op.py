@@ -265,6 +265,8 @@ def linear_token_loss(
             callable, or returning a non-tensor / non-float tensor.
         ValueError: shape or device mismatch, empty dims, ``temperature <= 0``, labels out
             of range, ``token_loss`` returning a wrong shape.
+
+    (Over 80 lines only through this docstring: the body is checks and one ``apply``.)
     """
     hidden, weight, bias = check_linear(hidden, weight, bias)
     if not callable(token_loss):

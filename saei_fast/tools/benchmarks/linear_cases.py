@@ -28,10 +28,10 @@ from saei_fast.tools.benchmarks.cases import FORWARD, FORWARD_BACKWARD, OpBench,
 
 def _ours(**options):
     def make():
-        from saei_fast.ops.linear_entropy import linear_logprobs_and_entropy_impl
+        from saei_fast.ops.linear_entropy.op import _linear_logprobs_and_entropy_variant
 
         def fn(hidden, weight, labels):
-            return linear_logprobs_and_entropy_impl(hidden, weight, None, **options)[1]
+            return _linear_logprobs_and_entropy_variant(hidden, weight, None, **options)[1]
 
         return fn
 
