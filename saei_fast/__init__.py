@@ -1,6 +1,6 @@
 """saei-fast: fused kernels and drop-in ops for Selective-adversarial Entropy Intervention.
 
-Everything a user calls is re-exported here; see DESIGN.md for the contract.
+Everything a user calls is re-exported here; docs/design.md is the contract.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -125,7 +125,7 @@ def entropy_band_mask_reference(
     group_size: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The band rule of DESIGN.md by plain Python sorting.
+    """The band rule of docs/design.md by plain Python sorting.
 
     Within each scope (a row of ``[B, T]`` or a packed sequence of ``[N]`` + ``cu_seqlens``;
     ``group_size`` consecutive ones; or all) sort the n valid tokens by (entropy, flat

@@ -23,6 +23,8 @@ def _subpackages() -> set[str]:
     found = {"saei_fast", "saei_fast.kernels"}
     for init in (ROOT / "saei_fast").rglob("__init__.py"):
         found.add(".".join(init.parent.relative_to(ROOT).parts))
+    for init in (ROOT / "kernels").rglob("__init__.py"):
+        found.add(".".join(("saei_fast", *init.parent.relative_to(ROOT).parts)))
     return {name for name in found if "__pycache__" not in name}
 
 
@@ -47,8 +49,12 @@ def test_wheel_contains_the_kernels_and_every_subpackage(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("saei_fast-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
 
-    kernel_modules = {path.name for path in (ROOT / "kernels").glob("*.py")}
-    assert {"entropy_logits.py", "linear_entropy.py", "band_select.py"} <= kernel_modules
+    kernel_modules = {
+        path.relative_to(ROOT / "kernels").as_posix()
+        for path in (ROOT / "kernels").rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert {"entropy/kernels.py", "linear_entropy/kernels.py", "band/kernels.py"} <= kernel_modules
     for module in (*kernel_modules, "__init__.py"):
         assert f"saei_fast/kernels/{module}" in names
     init = zipfile.ZipFile(wheel).read("saei_fast/kernels/__init__.py").decode()
