@@ -28,7 +28,7 @@ PERTURBATIONS = ("entropy", "random")
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """Options of :func:`entropy_attack` (validated on construction).
+    """Options of :func:`~saei_fast.attack.entropy_attack` (validated on construction).
 
     Attributes:
         alpha: step in [0, 1] pixel units (the paper: 2/255 or 3/255), > 0.
@@ -83,7 +83,7 @@ class AttackConfig:
 
 @dataclass
 class AttackResult:
-    """What :func:`entropy_attack` returns.
+    """What :func:`~saei_fast.attack.entropy_attack` returns.
 
     Attributes:
         pixel_values: adversarial pixel values, same layout, shape and dtype as the input's.
@@ -116,7 +116,7 @@ class AttackResult:
 
 @dataclass
 class PixelGradient:
-    """What :func:`pixel_gradient` returns.
+    """What :func:`~saei_fast.attack.pixel_gradient` returns.
 
     Attributes:
         grad: d(objective)/d(pixel_values), shaped like ``pixel_values`` (every row's copy of

@@ -21,7 +21,7 @@ from saei_fast.pixels.base import PixelSpace
 
 
 class AttackRun:
-    """Everything :func:`entropy_attack` needs, checked before any work."""
+    """Everything :func:`~saei_fast.attack.entropy_attack` needs, checked before any work."""
 
     def __init__(self, model, inputs, completion_mask, space, config: AttackConfig) -> None:
         if not isinstance(space, PixelSpace):
