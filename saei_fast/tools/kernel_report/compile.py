@@ -59,10 +59,13 @@ def kernel_name(plan) -> str:
 
 
 def variant_key(plan) -> str:
-    """Identity of the compiled binary: plans with equal keys compile to the same code."""
+    """Identity of the compiled binary: plans with equal keys compile to the same code.
+
+    The kernel is named by its op and function name, not by its module, so that moving a
+    kernel to another file leaves its variant id (and its binaries' file names) unchanged."""
     fn = getattr(plan.kernel, "fn", plan.kernel)
     parts = (
-        f"{fn.__module__}.{fn.__qualname__}",
+        f"{plan.op}.{fn.__qualname__}",
         sorted(plan.signature.items()),
         sorted((k, repr(v)) for k, v in plan.constexprs.items()),
         sorted(plan.aligned),
