@@ -1,4 +1,4 @@
-"""The TMA forward (``kernels/linear_entropy_tma.py``) as ``saei-fast kernels --arch sm_90``
+"""The TMA forward (``kernels/linear_entropy/tma.py``) as ``saei-fast kernels --arch sm_90``
 compiles it: operands through TMA, wgmma, no spills, the GPU kept busy.
 
 One ``saei-fast kernels --arch sm_90 --ops linear`` run per session, in a subprocess without

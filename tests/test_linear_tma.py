@@ -1,4 +1,4 @@
-"""The TMA variant of the fused linear-entropy forward (``kernels/linear_entropy_tma.py``).
+"""The TMA variant of the fused linear-entropy forward (``kernels/linear_entropy/tma.py``).
 
 Run under ``TRITON_INTERPRET=1`` (host tensor descriptors are interpreted as masked loads
 with TMA's zero fill), checked against float64 truth (``saei_fast.reference``) in fp32 and
