@@ -15,10 +15,10 @@ import math
 import pytest
 import torch
 
-from saei_fast.kernels.linear_entropy import launch as linear_entropy
 from saei_fast.kernels.linear_entropy import plans as linear_plans
 from saei_fast.kernels.linear_entropy import tma as linear_entropy_tma
 from saei_fast.kernels.plan import TARGETS
+from saei_fast.ops.linear_entropy import triton_path as linear_entropy
 from saei_fast.ops.linear_entropy.op import (
     _linear_logprobs_and_entropy_variant as linear_logprobs_and_entropy_impl,
 )
@@ -126,7 +126,7 @@ def test_tma_forward_keeps_the_default_forwards_numerics(dtype):
     rows = torch.tensor([0, 3, 4, 7, 11, 12, 20, 28], device=DEVICE)
     args = (hidden, weight, bias, rows, labels, 1 / 0.7)
     ours = linear_entropy_tma.linear_entropy_tma_fwd(*args, blocks=BLOCKS, num_splits=2)
-    default = linear_entropy.linear_entropy_fwd(*args, blocks=BLOCKS, num_splits=2)
+    default = linear_entropy.fused_forward(*args, blocks=BLOCKS, num_splits=2)
     for a, b in zip(ours, default, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, equal_nan=True)
     assert torch.isnan(ours[1][3]) and ours[0][1].item() == 0.0  # row 1 is not in ``rows``
@@ -205,7 +205,7 @@ def test_default_forward_without_the_switch(monkeypatch, tma_calls, value):
     else:
         monkeypatch.setenv("SAEI_LINEAR_TMA", value)
     hidden, weight, bias, labels = _inputs(5, 24, 37, torch.float32, seed=3)
-    linear_entropy.linear_entropy_fwd(hidden, weight, bias, None, labels, 1.0, blocks=BLOCKS)
+    linear_entropy.fused_forward(hidden, weight, bias, None, labels, 1.0, blocks=BLOCKS)
     assert not tma_calls
 
 
@@ -214,9 +214,7 @@ def test_weight_tma_cannot_address_gets_the_default_forward(monkeypatch, tma_cal
     call, and the TMA launcher itself refuses it with a ValueError naming ``weight``."""
     monkeypatch.setenv("SAEI_LINEAR_TMA", "1")
     hidden, weight, bias, labels = _inputs(5, 21, 37, torch.float32, seed=4)
-    ent, _, _ = linear_entropy.linear_entropy_fwd(
-        hidden, weight, bias, None, labels, 1.0, blocks=BLOCKS
-    )
+    ent, _, _ = linear_entropy.fused_forward(hidden, weight, bias, None, labels, 1.0, blocks=BLOCKS)
     assert not tma_calls
     _, true_ent = linear_logprobs_and_entropy_reference(hidden, weight, labels, bias=bias)
     torch.testing.assert_close(ent.double(), true_ent, atol=2e-5, rtol=1e-5)

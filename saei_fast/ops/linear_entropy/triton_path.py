@@ -39,11 +39,13 @@ def fused_forward(
     labels: torch.Tensor | None,
     inv_temperature: float,
     logits_out: torch.Tensor | None = None,
+    **launch: tuple[int, int, int] | int | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(entropy, logprobs or None, stats)`` from the fused forward the options choose: the
     TMA one when ``SAEI_LINEAR_TMA=1`` asks for it and the weight is TMA-describable (an error
     off sm_90), else the default one. Same arguments and results as
-    ``saei_fast.kernels.linear_entropy.launch.linear_entropy_fwd``."""
+    ``saei_fast.kernels.linear_entropy.launch.linear_entropy_fwd``; ``launch`` passes its
+    ``blocks`` / ``num_splits`` overrides on (tests cross tile edges with them)."""
     options = kernel_options()
     if options.linear_tma:
         # Imported only when asked for: it needs Triton's host tensor descriptors.
@@ -52,13 +54,14 @@ def fused_forward(
         if tma.tma_selected(hidden, weight, options):
             return tma.linear_entropy_tma_fwd(
                 hidden, weight, bias, rows, labels, inv_temperature,
-                logits_out=logits_out, options=options,
+                logits_out=logits_out, options=options, **launch,
             )  # fmt: skip
     from saei_fast.kernels.linear_entropy.launch import linear_entropy_fwd
 
     return linear_entropy_fwd(
-        hidden, weight, bias, rows, labels, inv_temperature, logits_out=logits_out, options=options
-    )
+        hidden, weight, bias, rows, labels, inv_temperature,
+        logits_out=logits_out, options=options, **launch,
+    )  # fmt: skip
 
 
 def forward(
