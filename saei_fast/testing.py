@@ -5,36 +5,10 @@ Importing it warns once with a DeprecationWarning.
 
 import warnings
 
-from saei_fast.tools.testing import (
-    VLMBatch,
-    random_images,
-    special_token_ids,
-    tiny_idefics3,
-    tiny_idefics3_image_processor,
-    tiny_llava,
-    tiny_llava_image_processor,
-    tiny_qwen2_5_vl,
-    tiny_qwen2_vl,
-    tiny_qwen3_vl,
-    tiny_qwen_image_processor,
-    vlm_batch,
-)
+from saei_fast.tools import testing as _testing
+from saei_fast.tools.testing import *  # noqa: F403  (the alias re-exports every public name)
 
-__all__ = [
-    "VLMBatch",
-    "random_images",
-    "special_token_ids",
-    "tiny_idefics3",
-    "tiny_idefics3_image_processor",
-    "tiny_llava",
-    "tiny_llava_image_processor",
-    "tiny_qwen2_5_vl",
-    "tiny_qwen2_vl",
-    "tiny_qwen3_vl",
-    "tiny_qwen_image_processor",
-    "vlm_batch",
-]
-
+__all__ = _testing.__all__
 
 warnings.warn(
     "saei_fast.testing is deprecated: import from saei_fast.tools.testing instead",

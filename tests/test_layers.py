@@ -196,3 +196,18 @@ def test_files_read_in_one_sitting():
 def test_no_module_cites_the_old_design_file():
     stale = [str(p.relative_to(ROOT)) for p in MODULES.values() if "DESIGN.md" in p.read_text()]
     assert not stale, stale
+
+
+def test_the_old_testing_path_still_imports_with_a_warning():
+    """``saei_fast.testing`` was documented before the tools moved: it re-exports
+    ``saei_fast.tools.testing`` and says where to import from instead."""
+    import importlib
+    import sys
+
+    from saei_fast.tools import testing
+
+    sys.modules.pop("saei_fast.testing", None)
+    with pytest.warns(DeprecationWarning, match=r"saei_fast\.tools\.testing"):
+        alias = importlib.import_module("saei_fast.testing")
+    assert alias.__all__ == testing.__all__
+    assert all(getattr(alias, name) is getattr(testing, name) for name in testing.__all__)
