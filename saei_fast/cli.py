@@ -59,9 +59,9 @@ def _triton_status() -> str:
 
 def _target_line(device) -> str:
     """The GPU target the launchers choose configurations for on ``device``."""
-    from saei_fast.kernels.plan import target_for
+    from saei_fast.ops.dispatch import kernel_options
 
-    target = target_for(device)
+    target = kernel_options().target(device)  # honours SAEI_TARGET, as the launches do
     units = "CUs" if target.is_amd else "SMs"
     line = f"{target.name}, {target.sm_count} {units}, warp size {target.warp_size}"
     if device.type != "cuda":  # the interpreter runs the kernels with this target's choices
