@@ -1,21 +1,18 @@
-"""The one dispatch point: which implementation an op runs, and with which kernel options.
+"""The one dispatch point: which implementation an op runs, and with which options.
 
-Every op asks here, and only here, which implementation runs (``impl=``, ``SAEI_IMPL``, the
-device, the float64 rule) and, on the Triton path, which opt-in choices its launchers get
-(``SAEI_AUTOTUNE``, ``SAEI_LINEAR_TMA``, ``TRITON_INTERPRET``, ``SAEI_TARGET``): they travel
-down as one :class:`~saei_fast.kernels.plan.KernelOptions`, and nothing under ``kernels/``
-reads the environment. The variables are read at every call, so a change takes effect on
-the next launch.
-
-Which implementation: Triton kernels or the memory-light PyTorch path.
+Every op asks here, and only here: which implementation runs (``impl=`` or ``SAEI_IMPL``,
+the device, the float64 rule), whether the PyTorch path compiles its per-row math on CPU
+tensors (``SAEI_CPU_COMPILE``), and which opt-in choices the Triton launchers get
+(``SAEI_AUTOTUNE``, ``SAEI_LINEAR_TMA``, ``TRITON_INTERPRET``, ``SAEI_TARGET``), handed down
+as one :class:`~saei_fast.kernels.plan.KernelOptions`: nothing under ``kernels/`` reads the
+environment. The variables are read at every call, so a change takes effect on the next one.
 
 GPU tensors go to Triton, CPU tensors to the chunked PyTorch path. A ROCm build of torch
 (``torch.version.hip`` set) exposes AMD GPUs as ``cuda`` devices, and Triton compiles the
 same kernels for them (each launcher picks its configuration per target), so AMD GPUs take
-the Triton path too. ``SAEI_IMPL=triton|torch``
-(or an ``impl=`` argument on the ``saei_fast.ops`` entry points) forces one; forcing Triton on
-CPU tensors is only possible under ``TRITON_INTERPRET=1``, which is how the kernels are tested
-on machines without a GPU.
+the Triton path too. ``SAEI_IMPL=triton|torch`` (or an ``impl=`` argument on the
+``saei_fast.ops`` entry points) forces one; forcing Triton on CPU tensors is only possible
+under ``TRITON_INTERPRET=1``, which is how the kernels are tested on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -52,6 +49,18 @@ def triton_interpreting() -> bool:
 
 # The opt-in TMA forward of the linear kernels (sm_90 only, unmeasured): off unless set.
 LINEAR_TMA_ENV = "SAEI_LINEAR_TMA"
+
+
+CPU_COMPILE_MODES = ("auto", "0", "1")
+
+
+def cpu_compile_mode() -> str:
+    """``SAEI_CPU_COMPILE`` for the PyTorch path on CPU tensors: ``"1"`` (the per-row math
+    always compiled by Inductor), ``"0"`` (eager) or ``"auto"`` (compiled where it works)."""
+    mode = os.environ.get("SAEI_CPU_COMPILE", "auto").strip().lower() or "auto"
+    if mode not in CPU_COMPILE_MODES:
+        raise ValueError(f"SAEI_CPU_COMPILE must be one of {CPU_COMPILE_MODES}, got {mode!r}")
+    return mode
 
 
 def kernel_options() -> KernelOptions:

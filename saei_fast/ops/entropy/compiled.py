@@ -23,27 +23,19 @@ from __future__ import annotations
 import collections
 import functools
 import math
-import os
 import warnings
 
 import torch
 from torch.fx.experimental import _config as fx_config
 
-MODES = ("auto", "0", "1")
+from saei_fast.ops.dispatch import cpu_compile_mode
+
 # Compiled for these input dtypes; float64 (gradient checks) stays on the eager path, which
 # is exact there.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _COMPILES: collections.Counter = collections.Counter()
 _BROKEN: list[str] = []  # why compilation failed in "auto" mode (then eager from there on)
-
-
-def compile_mode() -> str:
-    """``SAEI_CPU_COMPILE``: ``"1"`` (always compiled), ``"0"`` (eager) or ``"auto"``."""
-    mode = os.environ.get("SAEI_CPU_COMPILE", "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"SAEI_CPU_COMPILE must be one of {MODES}, got {mode!r}")
-    return mode
 
 
 def compile_counts() -> dict:
@@ -61,7 +53,7 @@ def usable(x: torch.Tensor) -> bool:
     n, v = x.shape
     if n < 2 or v < 2 or x.stride(1) != 1 or x.stride(0) < v:
         return False
-    mode = compile_mode()
+    mode = cpu_compile_mode()
     return mode == "1" or (mode == "auto" and not _BROKEN)
 
 
@@ -200,7 +192,7 @@ def _run(kind: str, x: torch.Tensor, *args):
         ):
             return _compiled(kind)(*args)
     except Exception as error:  # any compiler failure means "use eager"
-        if compile_mode() == "1":
+        if cpu_compile_mode() == "1":
             raise RuntimeError(
                 f"SAEI_CPU_COMPILE=1 but the CPU path could not be compiled: {error}"
             ) from error
