@@ -101,6 +101,16 @@ class KernelOptions:
 DEFAULT_OPTIONS = KernelOptions()
 
 
+def even_chunk_rows(n_rows: int, max_rows: int) -> int:
+    """Rows per chunk when ``n_rows`` rows are cut into the fewest chunks of at most
+    ``max_rows``, as even as possible (4096 rows under a 3456-row budget: two chunks of 2048,
+    not 3456 + 640, whose small last launch would leave the GPU part idle). Plain integer
+    arithmetic, here rather than beside the kernels' configuration, because the PyTorch path
+    of the loss head cuts its chunks the same way and must not import Triton."""
+    n_chunks = -(-n_rows // max(1, max_rows))
+    return -(-n_rows // max(1, n_chunks))
+
+
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
     """One kernel launch as its launcher would make it for a benchmark shape.

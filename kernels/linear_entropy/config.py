@@ -8,7 +8,7 @@ compiles) read, so the report describes exactly what a launch runs.
   more than are resident), chosen from ``Target.sm_count`` and ``ctas_per_sm`` so that the
   GPU stays busy until the last tile; ``grad_grid``: the gradient pass's grid;
 * ``TUNING_CONFIGS``: what the opt-in search (``SAEI_AUTOTUNE=1``) tries for the grad kernel;
-* ``chunk_rows`` / ``even_chunk_rows``: rows per ``[c, V]`` chunk (kept logits, gradient
+* ``chunk_rows``: rows per ``[c, V]`` chunk (kept logits, gradient
   chunks, the loss head's chunks);
 * ``training_gemms``: how many GEMM-sized products the training path runs;
 * ``BENCHMARK_ROWS`` / ``BENCHMARK_DIMS`` / ``BENCHMARK_VOCAB``: the shapes the plans of both
@@ -212,14 +212,6 @@ def chunk_rows(dtype: torch.dtype, V: int, block_n: int, budget: int = CHUNK_BYT
     row blocks (a chunk's last row block is then full)."""
     rows = budget // (V * dtype.itemsize)
     return max(1, rows // block_n * block_n if rows >= block_n else rows)
-
-
-def even_chunk_rows(n_rows: int, max_rows: int) -> int:
-    """Rows per chunk when ``n_rows`` rows are cut into the fewest chunks of at most
-    ``max_rows``, as even as possible (4096 rows under a 3456-row budget: two chunks of 2048,
-    not 3456 + 640, whose small last launch would leave the GPU part idle)."""
-    n_chunks = triton.cdiv(n_rows, max(1, max_rows))
-    return triton.cdiv(n_rows, max(1, n_chunks))
 
 
 def training_gemms(n_rows: int, kept_rows: int) -> float:

@@ -22,7 +22,6 @@ from saei_fast.kernels.linear_entropy.config import (
     GemmConfig,
     chunk_rows,
     elementwise,
-    even_chunk_rows,
     fwd_schedule,
     gemm_config,
     grad_grid,
@@ -34,7 +33,7 @@ from saei_fast.kernels.linear_entropy.kernels import (
     _merge_splits_kernel,
 )
 from saei_fast.kernels.linear_entropy.tma import tma_benchmark_plans
-from saei_fast.kernels.plan import TRITON_DTYPE, LaunchPlan, Target
+from saei_fast.kernels.plan import TRITON_DTYPE, LaunchPlan, Target, even_chunk_rows
 
 # A real launch specialises the unit inner strides of contiguous tensors to the constant 1,
 # and marks pointers and sizes / strides that are multiples of 16 as divisible by 16 (the

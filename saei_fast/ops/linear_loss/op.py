@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from saei_fast.kernels.plan import even_chunk_rows
 from saei_fast.ops.dispatch import op_impl
 from saei_fast.ops.entropy import torch_path as entropy_torch
 from saei_fast.ops.linear_entropy.chunks import chunk_rows_for, chunks
@@ -128,9 +129,6 @@ def token_loss_and_grads(
     n_rows = N if rows is None else rows.numel()
     if n_rows == 0:
         return loss, grad_hidden, grad_weight, _cast(grad_bias, bias)
-    # Imported here: the kernels' configuration imports Triton (not needed on import).
-    from saei_fast.kernels.linear_entropy.config import even_chunk_rows
-
     chunk_rows = even_chunk_rows(n_rows, chunk_rows_for(impl, V, hidden, chunk_rows))
     buffer = None
     if impl == "triton" and want_grad:
